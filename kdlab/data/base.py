@@ -1,0 +1,174 @@
+"""The base LightningDataModule for image classification: arguments, splits, transforms, loaders.
+
+Subclasses say where samples come from (`load_split`) and what the dataset's usual
+augmentation is; everything the rest of kdlab relies on — the batch dict, the seeded
+train/val split, eval transforms on val, the loader settings — is decided once here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from kdlab.data.datasets import IndexedDataset
+from kdlab.data.split import resolve_val_count, split_indices
+from kdlab.data.transforms import as_transform_list, build_pipeline
+from kdlab.errors import KdlabError
+
+_SHAPE_ARGS = ("num_classes", "in_channels", "input_size")
+
+
+class ImageClassificationDataModule(LightningDataModule):
+    """Train/val/test loaders yielding {"input", "target", "index"} batches.
+
+    `index` is the sample's position in its underlying split: train-set indices for both
+    the train and the val loader (val is a seeded slice of the official training set),
+    test-set indices for the test loader.
+    """
+
+    name: ClassVar[str] = "image dataset"
+    mean: ClassVar[tuple[float, ...]]
+    std: ClassVar[tuple[float, ...]]
+    # Shape facts of a fixed dataset: a config value that differs is an error, not an override.
+    facts: ClassVar[dict[str, int]] = {}
+    # Values used when the caller leaves a non-fixed shape argument out.
+    defaults: ClassVar[dict[str, int]] = {}
+    # True when samples are PIL images (decoded to tensors first); False for uint8 tensors.
+    decode: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        val_size: int | float = 5000,
+        split_seed: int = 0,
+        train_transforms: Sequence[Callable] | None = None,
+        download: bool = True,
+        download_dir: str = "~/.cache/kdlab/data",
+        num_classes: int | None = None,
+        in_channels: int | None = None,
+        input_size: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise KdlabError(
+                f"data.batch_size={batch_size!r} must be a positive integer; set e.g. data.batch_size=128."
+            )
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise KdlabError(
+                f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads batches in the main "
+                f"process); set e.g. data.num_workers=0."
+            )
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.download = download
+        self.download_dir = download_dir
+        given = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+        for arg in _SHAPE_ARGS:
+            setattr(self, arg, self._resolve_shape_arg(arg, given[arg]))
+
+        self.augmentation = as_transform_list(train_transforms, self.default_augmentation())
+        # With augmentation switched off, train inputs still need the eval geometry (e.g. one
+        # fixed size for ImageFolder) so that they batch and match what the model sees at eval.
+        train_steps = self.augmentation or self.eval_geometry()
+        self.train_transform = build_pipeline(train_steps, self.mean, self.std, self.decode)
+        self.eval_transform = build_pipeline(self.eval_geometry(), self.mean, self.std, self.decode)
+
+        self.train_set: Subset | None = None
+        self.val_set: Subset | None = None
+        self.test_set: IndexedDataset | None = None
+
+    # -- what subclasses provide ------------------------------------------------------------
+
+    def load_split(self, train: bool) -> tuple[Dataset, torch.Tensor]:
+        """Return the official train (or test) split as (image, target) pairs and its int64 targets."""
+        raise NotImplementedError
+
+    def default_augmentation(self) -> list[Callable]:
+        """The dataset's usual train augmentation, used when `train_transforms` is None."""
+        return []
+
+    def eval_geometry(self) -> list[Callable]:
+        """Resize/crop steps that bring eval images to `input_size`; none for fixed-size datasets."""
+        return []
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input, for building models."""
+        return (self.in_channels, self.input_size, self.input_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Each split is read once; Lightning may call setup again for later stages.
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            samples, targets = self.load_split(train=True)
+            self._check_labels(targets, "training")
+            val_count = resolve_val_count(self.val_size, len(targets))
+            train_idx, val_idx = split_indices(len(targets), val_count, self.split_seed)
+            # Two views of the same samples: augmented for train, eval-transformed for val.
+            train_view = IndexedDataset(samples, targets, self.train_transform)
+            val_view = IndexedDataset(samples, targets, self.eval_transform)
+            self.train_set = Subset(train_view, train_idx.tolist())
+            self.val_set = Subset(val_view, val_idx.tolist())
+        if stage in (None, "test") and self.test_set is None:
+            samples, targets = self.load_split(train=False)
+            self._check_labels(targets, "test")
+            self.test_set = IndexedDataset(samples, targets, self.eval_transform)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "fit", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "fit", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", shuffle=False)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _loader(self, dataset: Dataset | None, stage: str, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup({stage!r}) before asking for its loader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            # Re-forking workers every epoch costs more than keeping them for small datasets.
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _resolve_shape_arg(self, arg: str, value: int | None) -> int:
+        fact = self.facts.get(arg)
+        if fact is not None and value is not None and value != fact:
+            raise KdlabError(
+                f"data.{arg}={value} does not match {self.name}, whose {arg} is {fact}. Set "
+                f"data.{arg}={fact} (or leave it out), or pick the data config that matches your data."
+            )
+        resolved = value if value is not None else fact if fact is not None else self.defaults.get(arg)
+        if not isinstance(resolved, int) or isinstance(resolved, bool) or resolved < 1:
+            raise KdlabError(
+                f"data.{arg}={resolved!r} must be a positive integer; set data.{arg} in the data config."
+            )
+        return resolved
+
+    def _check_labels(self, targets: torch.Tensor, split: str) -> None:
+        if len(targets) and (targets.min() < 0 or targets.max() >= self.num_classes):
+            raise KdlabError(
+                f"The {self.name} {split} labels range over {int(targets.min())}..{int(targets.max())}, "
+                f"outside 0..{self.num_classes - 1} for data.num_classes={self.num_classes}. The label data "
+                f"is damaged or belongs to another dataset: delete it and fetch it again, or fix "
+                f"data.num_classes."
+            )

@@ -1,0 +1,10 @@
+"""Pluggable knowledge losses: response-, feature- and relation-based.
+
+Each loss is a `Knowledge` module; the `knowledge=` config group selects one or a weighted
+list of them (`knowledge=[kd,at]`), and every scheme sums them with the task loss.
+"""
+
+from kdlab.knowledge.base import Knowledge
+from kdlab.knowledge.response import KD
+
+__all__ = ["KD", "Knowledge"]

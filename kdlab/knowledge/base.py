@@ -1,0 +1,54 @@
+"""The interface every kind of knowledge implements, in every scheme.
+
+A `Knowledge` is an `nn.Module` loss: it compares the student's `Outputs` with a source's
+`Outputs` (a frozen teacher, a detached peer, a deeper exit, past predictions) and may
+read the batch (e.g. the sample index). It owns any learnable adapter it needs; adapters
+are created by `build()` from the real shapes of one dry forward pass, so they are
+optimised with the student and saved in its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from kdlab.errors import KdlabError
+from kdlab.taps import Outputs
+
+
+class Knowledge(nn.Module):
+    """One transferable kind of knowledge, weighted in the scheme's loss sum.
+
+    Args:
+        weight: this term's weight in the total loss.
+        task_weight: the weight the method's published recipe gives the task (cross-entropy)
+            loss. A scheme uses it when `mode.task_weight` is null and this is the only term.
+        student_layers / source_layers: module paths whose features this loss reads.
+    """
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        task_weight: float = 1.0,
+        student_layers: tuple[str, ...] | list[str] = (),
+        source_layers: tuple[str, ...] | list[str] = (),
+    ):
+        super().__init__()
+        for name, value in (("weight", weight), ("task_weight", task_weight)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise KdlabError(
+                    f"{type(self).__name__}: {name}={value!r} is not a finite number >= 0. "
+                    f"Set knowledge.<name>.{name} to a non-negative number."
+                )
+        self.weight = float(weight)
+        self.task_weight = float(task_weight)
+        self.student_layers = tuple(student_layers)
+        self.source_layers = tuple(source_layers)
+
+    def build(self, student: Outputs, source: Outputs) -> None:
+        """Create adapters from real output shapes; called once before training."""
+
+    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError

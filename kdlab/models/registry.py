@@ -1,0 +1,138 @@
+"""Name -> constructor registry for every network kdlab can train or distil.
+
+kdlab's own models register themselves with `@register_model("name")`; their constructors
+take `(num_classes=..., in_channels=..., input_size=...)`. Any torchvision classification
+model is reachable as `torchvision/<name>` and is built by `torchvision.models.get_model`
+(see https://pytorch.org/vision/stable/models.html#general-information-on-pre-trained-weights).
+`create_model` is the single entry point the Hydra configs in `conf/model/` call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from kdlab.errors import KdlabError
+from kdlab.models.checkpoint import load_weights
+
+TORCHVISION_PREFIX = "torchvision/"
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a model constructor (class or function) buildable by `name`."""
+
+    def decorate(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise KdlabError(
+                f"A model named '{name}' is already registered (by {_REGISTRY[name].__qualname__}). "
+                "Model names must be unique: register the new model under a different name."
+            )
+        if name.startswith(TORCHVISION_PREFIX):
+            raise KdlabError(
+                f"Cannot register '{name}': names starting with '{TORCHVISION_PREFIX}' are reserved for "
+                "torchvision models. Register the model under a name without that prefix."
+            )
+        _REGISTRY[name] = constructor
+        return constructor
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names of all registered kdlab models, sorted (torchvision models are not listed)."""
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    input_size: int = 32,
+    checkpoint: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build model `name` (a registered kdlab name or `torchvision/<name>`), optionally loading weights.
+
+    `kwargs` go to the constructor unchanged (e.g. `weights=` for torchvision models).
+    """
+    if name.startswith(TORCHVISION_PREFIX):
+        model = _create_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels, kwargs)
+    else:
+        model = _create_kdlab(name, num_classes, in_channels, input_size, kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def _create_kdlab(name: str, num_classes: int, in_channels: int, input_size: int, kwargs: dict) -> nn.Module:
+    if name not in _REGISTRY:
+        raise KdlabError(
+            f"Unknown model '{name}'. Registered kdlab models are: {', '.join(list_models())}. "
+            f"Any torchvision classification model can also be used as '{TORCHVISION_PREFIX}<name>' "
+            f"(for example '{TORCHVISION_PREFIX}resnet18'). Fix the model name in your config or on the "
+            "command line."
+        )
+    constructor = _REGISTRY[name]
+    # Check extra options up front so a typo gets a clear message rather than a TypeError.
+    params = inspect.signature(constructor).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in kwargs if k not in params and not takes_any)
+    if unknown:
+        raise KdlabError(
+            f"Model '{name}' does not take the option(s) {', '.join(unknown)}. Remove them from the model "
+            "config (options such as `weights` only apply to torchvision models)."
+        )
+    return constructor(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
+
+
+def _create_torchvision(tv_name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    available = torchvision.models.list_models(module=torchvision.models)
+    if tv_name not in available:
+        similar = difflib.get_close_matches(tv_name, available, n=5, cutoff=0.4)
+        hint = f"Similar names: {', '.join(similar)}. " if similar else ""
+        raise KdlabError(
+            f"'{tv_name}' is not a torchvision classification model. {hint}"
+            "See torchvision.models.list_models(module=torchvision.models) for the full list and use "
+            f"'{TORCHVISION_PREFIX}<name>' with one of those names."
+        )
+    if in_channels not in (1, 3):
+        raise KdlabError(
+            f"torchvision models take 3-channel images (1-channel images are expanded to 3), but "
+            f"in_channels={in_channels} was asked for '{TORCHVISION_PREFIX}{tv_name}'. Use a dataset with 1 "
+            "or 3 channels, or a kdlab model, whose first convolution takes any number of channels."
+        )
+    extra = {k: v for k, v in kwargs.items() if k != "weights"}
+    try:
+        model = torchvision.models.get_model(
+            tv_name, weights=kwargs.get("weights"), num_classes=num_classes, **extra
+        )
+    except ValueError as exc:
+        # torchvision reports e.g. pretrained weights whose head size differs from num_classes this way.
+        raise KdlabError(
+            f"torchvision could not build '{tv_name}': {exc}. Pretrained `weights` fix num_classes to the "
+            "class count they were trained with; use `weights: null`, or load a fine-tuned checkpoint "
+            "through the `checkpoint` option instead."
+        ) from exc
+    if in_channels == 1:
+        model.register_forward_pre_hook(gray_to_rgb)
+    return model
+
+
+def gray_to_rgb(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: repeat a 1-channel image batch over 3 channels.
+
+    A module-level function (not a lambda or wrapper module) so hooked models stay picklable and
+    deep-copyable and keep torchvision's own module paths.
+    """
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 1:
+        # expand() is a view: no copy of the image data is made.
+        return (x.expand(-1, 3, -1, -1), *args[1:])
+    return args

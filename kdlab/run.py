@@ -1,0 +1,118 @@
+"""The entry point: `python -m kdlab.run mode=offline knowledge=response ...`.
+
+Builds everything from the composed Hydra config (conf/run.yaml), obtains a teacher when
+the scheme needs one, fits, tests, prints the results table, writes `metrics.json` in the
+run directory, and returns the metric a sweep optimises (`optimized_metric`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from kdlab.build import (
+    build_callbacks,
+    build_knowledge,
+    build_scheme,
+    build_trainer,
+    instantiate,
+    scheme_class,
+)
+from kdlab.errors import KdlabError
+from kdlab.loggers import build_loggers, finish_loggers
+from kdlab.report import format_table, log_table, model_rows, write_metrics
+from kdlab.teachers import obtain_teacher, record_dict
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """One run from a composed config; returns the results that go to metrics.json."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    loggers = build_loggers(cfg)
+    failed = True
+    try:
+        results = _train(cfg, loggers, output_dir)
+        failed = False
+        return results
+    finally:
+        finish_loggers(loggers, failed=failed)
+
+
+def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    knowledge = build_knowledge(cfg)  # before any teacher training: bad options fail fast
+    teacher, record = None, None
+    if scheme_class(cfg).needs_teacher:
+        teacher, record = obtain_teacher(cfg, datamodule)
+        # Re-seed: the student's init must not depend on whether the teacher was just trained.
+        L.seed_everything(cfg.seed, workers=True)
+    elif cfg.get("knowledge"):
+        log.info(
+            "mode=%s trains with the task loss only; knowledge=%s is not used.",
+            cfg.mode._target_.rsplit(".", 1)[-1],
+            list(cfg.knowledge),
+        )
+    sources = {"teacher": teacher} if teacher is not None else {}
+    scheme = build_scheme(cfg, datamodule, knowledge, **sources)
+    trainer = build_trainer(cfg, logger=loggers, callbacks=build_callbacks(cfg))
+    for logger in loggers:
+        logger.log_hyperparams(
+            {**OmegaConf.to_container(cfg, resolve=True), "teacher_used": record_dict(record)}
+        )
+
+    trainer.fit(scheme, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _floats(trainer.callback_metrics)
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    trainer.test(scheme, datamodule=datamodule, ckpt_path="best" if best else None)
+    metrics.update(_floats(trainer.callback_metrics))
+
+    architectures = {"student": cfg.student.name, "teacher": cfg.teacher.name}
+    rows = model_rows(scheme.models(), architectures, metrics)
+    results = {
+        "run_dir": str(output_dir),
+        "mode": cfg.mode._target_.rsplit(".", 1)[-1].lower(),
+        "knowledge": list(scheme.knowledge),
+        "teacher": record_dict(record),
+        "checkpoint": best or None,
+        "models": rows,
+        "metrics": metrics,
+    }
+    name = cfg.get("optimized_metric")
+    results["optimized_metric"] = {"name": name, "value": _finite(metrics.get(name))}
+    write_metrics(output_dir / "metrics.json", results)
+    log_table(loggers, rows)
+    print(f"\n{format_table(rows)}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}")
+    if name and name not in metrics:  # checked last, so the run's results are written first
+        raise KdlabError(
+            f"optimized_metric={name!r} was not logged by this run, so a sweep has nothing to "
+            f"optimise (the results are in {output_dir / 'metrics.json'}). Set optimized_metric "
+            f"to one of: {', '.join(sorted(metrics))}."
+        )
+    return results
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="run")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)["optimized_metric"]["value"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""End to end on a small subset of real Fashion-MNIST: in-process, and through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdlab.errors import KdlabError
+from kdlab.run import train
+from tests.conftest import cli_overrides, compose_config, fast_overrides, run_cli
+
+
+@pytest.fixture()
+def offline_run(tmp_path, fashion_mnist):
+    """One offline KD run (training the teacher into an empty store), and its config."""
+    overrides = fast_overrides(tmp_path)
+    return train(compose_config(overrides)), overrides
+
+
+def test_offline_run_reports_both_models_and_writes_metrics(offline_run, tmp_path):
+    results, _ = offline_run
+    rows = {row["model"]: row for row in results["models"]}
+    assert set(rows) == {"teacher", "student"}
+    assert rows["teacher"]["architecture"] == "deepnn" and rows["student"]["architecture"] == "lightnn"
+    assert rows["teacher"]["params"] > rows["student"]["params"] > 0
+    for row in rows.values():
+        assert 0.0 <= row["test top-1"] <= 1.0
+    assert 0.0 <= rows["student"]["agreement"] <= 1.0 and rows["student"]["KL to teacher"] >= 0
+    assert results["teacher"]["source"] == "trained"
+    assert results["optimized_metric"]["name"] == "val/student/top1"
+    assert results["optimized_metric"]["value"] == results["metrics"]["val/student/top1"]
+    for term in ("train/task_epoch", "train/kd_epoch", "train/loss_epoch"):
+        assert term in results["metrics"], term
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["models"] == json.loads(json.dumps(results["models"]))
+    logged = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/kd_epoch" in logged and "test/student/agreement" in logged
+
+
+def test_second_run_reuses_the_stored_teacher(offline_run, tmp_path):
+    first, overrides = offline_run
+    second = train(
+        compose_config([*overrides, f"paths.output_dir={tmp_path / 'again'}", "knowledge.kd.temperature=2"])
+    )
+    assert second["teacher"]["source"] == "store"
+    assert second["teacher"]["path"] == first["teacher"]["path"]
+    teacher_top1 = lambda r: next(m["test top-1"] for m in r["models"] if m["model"] == "teacher")  # noqa: E731
+    assert teacher_top1(second) == teacher_top1(first)
+
+
+def test_teacher_checkpoint_is_loaded_instead_of_training(offline_run, tmp_path):
+    first, overrides = offline_run
+    result = train(
+        compose_config(
+            [
+                *overrides,
+                f"paths.output_dir={tmp_path / 'ckpt'}",
+                f"teacher.checkpoint={first['teacher']['path']}",
+                f"paths.teacher_store={tmp_path / 'empty'}",
+            ]
+        )
+    )
+    assert result["teacher"]["source"] == "checkpoint"
+    assert not (tmp_path / "empty").exists()
+
+
+def test_baseline_mode_trains_the_student_alone(tmp_path, fashion_mnist):
+    result = train(compose_config([*fast_overrides(tmp_path), "mode=baseline"]))
+    assert [row["model"] for row in result["models"]] == ["student"]
+    assert result["teacher"] is None and not (tmp_path / "teachers").exists()
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path, fashion_mnist):
+    with pytest.raises(KdlabError, match="missing.pt"):
+        train(compose_config([*fast_overrides(tmp_path), f"teacher.checkpoint={tmp_path / 'missing.pt'}"]))
+
+
+def test_corrupt_teacher_checkpoint_is_a_clear_error(tmp_path, fashion_mnist):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(KdlabError, match="bad.pt"):
+        train(compose_config([*fast_overrides(tmp_path), f"teacher.checkpoint={bad}"]))
+
+
+def test_wrong_architecture_checkpoint_names_the_keys(offline_run, tmp_path):
+    first, overrides = offline_run
+    with pytest.raises(KdlabError, match="features"):
+        train(
+            compose_config(
+                [*overrides, "model@teacher=resnet8", f"teacher.checkpoint={first['teacher']['path']}"]
+            )
+        )
+
+
+def test_teacher_with_other_classes_is_refused(tmp_path, fashion_mnist):
+    with pytest.raises(KdlabError, match="10 classes"):
+        train(compose_config([*fast_overrides(tmp_path), "teacher.num_classes=5"]))
+
+
+def test_unknown_optimized_metric_keeps_the_results(tmp_path, fashion_mnist):
+    with pytest.raises(KdlabError, match="optimized_metric='val/nope'"):
+        train(compose_config([*fast_overrides(tmp_path), "mode=baseline", "optimized_metric=val/nope"]))
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- the CLI, as a user types it
+def test_cli_default_job_prints_the_table(tmp_path, fashion_mnist):
+    proc = run_cli(cli_overrides(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| teacher" in proc.stdout and "| student" in proc.stdout and "agreement" in proc.stdout
+    results = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert results["run_dir"] == str(tmp_path / "run")
+
+
+def test_cli_multirun_shares_one_teacher_and_one_wandb_run_per_job(tmp_path, fashion_mnist):
+    sweep = tmp_path / "sweep"
+    args = [o for o in cli_overrides(tmp_path) if not o.startswith("hydra.run.dir")]
+    proc = run_cli(
+        ["-m", *args, f"hydra.sweep.dir={sweep}", "logger=[csv,wandb]", "knowledge.kd.temperature=1,4"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [json.loads((sweep / str(n) / "metrics.json").read_text()) for n in (0, 1)]
+    assert [job["teacher"]["source"] for job in jobs] == ["trained", "store"]
+    assert len(list((tmp_path / "teachers").glob("*/teacher.pt"))) == 1
+    runs = [list((sweep / str(n) / "wandb").glob("offline-run-*/run-*.wandb")) for n in (0, 1)]
+    assert all(len(r) == 1 for r in runs) and runs[0][0].name != runs[1][0].name
+    for r in runs:  # grouped by the sweep, tagged by mode and knowledge
+        data = r[0].read_bytes()
+        assert sweep.name.encode() in data and b"mode:offline" in data and b"knowledge:kd" in data
+
+
+def test_cli_help_lists_the_choices(tmp_path):
+    proc = run_cli(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0
+    for group in (
+        "mode:",
+        "knowledge:",
+        "model:",
+        "data:",
+        "trainer:",
+        "logger:",
+        "callbacks:",
+        "experiment:",
+    ):
+        assert group in proc.stdout, group
+    assert "offline" in proc.stdout and "fashion_mnist" in proc.stdout
+
+
+def test_cli_cfg_job_prints_the_composed_config(tmp_path):
+    proc = run_cli(["--cfg", "job", "knowledge.kd.temperature=2"], cwd=tmp_path)
+    assert (
+        proc.returncode == 0
+        and "temperature: 2" in proc.stdout
+        and "_target_: kdlab.schemes.Offline" in proc.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model@student=resnet9000"], "Could not find 'model/resnet9000'"),
+        (["mode=sideways"], "Available options in 'mode'"),
+        (["knowledge.kd.temperature=0"], "temperature must be > 0"),
+        (["knowledge.kd.tempreature=2"], "tempreature"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_error(args, message, tmp_path):
+    proc = run_cli([*cli_overrides(tmp_path), *args], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "teachers").exists() or not list((tmp_path / "teachers").glob("*/teacher.pt"))
