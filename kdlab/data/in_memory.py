@@ -69,10 +69,10 @@ class InMemoryDataModule(ImageClassificationDataModule):
             raise self._not_found_error() from e
 
     def load_split(self, train: bool) -> tuple[TensorDataset, torch.Tensor]:
-        found, _ = self.locate()
+        found, tried = self.locate()
         if found is None:
             raise self._not_found_error()
-        log.info("Reading the %s %s split from %s", self.name, "train" if train else "test", found)
+        log.info("Reading the %s %s split from %s", self.name, "train" if train else "test", tried[-1])
         images, targets = self.read_files(found, train)
         if images.shape[1:] != self.input_shape:
             raise KdlabError(
