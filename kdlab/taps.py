@@ -33,19 +33,54 @@ def module_paths(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """A layer name as a module path: a model's named tap point (e.g. "stage2") or a path."""
+    return getattr(model, "tap_points", {}).get(name, name)
+
+
+def expand_layers(model: nn.Module, names: Iterable[str], role: str = "model") -> list[str]:
+    """Expand the group names a loss config may use into the model's own tap points.
+
+    "stages" is every stage output in order (stage1..stageN) and "last_stage" the deepest,
+    so one config (e.g. attention transfer on all stages) fits models of any depth.
+    """
+    stages = sorted(
+        (alias for alias in getattr(model, "tap_points", {}) if alias.startswith("stage")),
+        key=lambda alias: int(alias[len("stage") :]),
+    )
+    expanded: list[str] = []
+    for name in names:
+        if name in ("stages", "last_stage"):
+            if not stages:
+                raise KdlabError(
+                    f"The {role} ({type(model).__name__}) has no named stages, so '{name}' means nothing "
+                    f"for it. Name its layers by module path instead, e.g. "
+                    f"knowledge.<name>.{role}_layers=[{', '.join(module_paths(model)[:3])}]."
+                )
+            expanded += stages if name == "stages" else stages[-1:]
+        else:
+            expanded.append(name)
+    return expanded
+
+
 class FeatureTap:
-    """Calls `model` and collects the outputs of the submodules named in `layers`."""
+    """Calls `model` and collects the outputs of the submodules named in `layers`.
+
+    A name may be a module path ("layer2.0.conv1") or one of the model's named tap points
+    ("stage2", "embedding"); `Outputs.feats` is keyed by the name as it was asked for.
+    """
 
     def __init__(self, model: nn.Module, layers: Iterable[str] = (), role: str = "model"):
         self.model = model
         self.layers = tuple(dict.fromkeys(layers))  # de-duplicated, order kept
         modules = dict(model.named_modules())
-        unknown = [name for name in self.layers if name not in modules or not name]
+        unknown = [name for name in self.layers if resolve_layer(model, name) not in modules or not name]
         if unknown:
             raise KdlabError(unknown_layer_message(model, unknown, role))
         self._feats: dict[str, Tensor] = {}
         self._handles = [
-            modules[name].register_forward_hook(partial(self._store, name)) for name in self.layers
+            modules[resolve_layer(model, name)].register_forward_hook(partial(self._store, name))
+            for name in self.layers
         ]
 
     def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -66,9 +101,9 @@ class FeatureTap:
 
 def unknown_layer_message(model: nn.Module, unknown: list[str], role: str) -> str:
     paths = module_paths(model)
-    natural = getattr(model, "tap_points", ())
+    natural = [f"{alias} ({path})" for alias, path in getattr(model, "tap_points", {}).items()]
     shown = ", ".join(paths[:80]) + (f", ... ({len(paths) - 80} more)" if len(paths) > 80 else "")
-    hint = f" Its natural tap points are: {', '.join(natural)}." if natural else ""
+    hint = f" Its named tap points are: {', '.join(natural)}." if natural else ""
     return (
         f"The {role} ({type(model).__name__}) has no module named {', '.join(map(repr, unknown))}, so its "
         f"features cannot be tapped.{hint} Pick layers from its module paths: {shown}."

@@ -80,17 +80,20 @@ def test_tutorial_nets_match_the_tutorial():
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_tap_points_are_module_paths_that_yield_feature_maps(name):
+def test_tap_points_name_module_paths_in_order(name):
     # 16x16 input keeps this cheap; the shape tests above cover full-size inputs.
     model = create_model(name, num_classes=10, input_size=16).eval()
-    assert model.tap_points, f"{name} declares no tap points"
+    points = model.tap_points
+    stages = [alias for alias in points if alias.startswith("stage")]
+    assert stages == [f"stage{i}" for i in range(1, len(stages) + 1)] and "embedding" in points, points
     seen = {}
-    for path in model.tap_points:
-        model.get_submodule(path).register_forward_hook(lambda m, i, o, path=path: seen.__setitem__(path, o))
+    for alias, path in points.items():
+        model.get_submodule(path).register_forward_hook(lambda m, i, o, a=alias: seen.__setitem__(a, o))
     with torch.no_grad():
         model(torch.randn(2, 3, 16, 16))
-    assert set(seen) == set(model.tap_points)
-    assert all(out.dim() == 4 for out in seen.values())
+    assert set(seen) == set(points)
+    assert all(seen[s].dim() == 4 for s in stages)
+    assert seen["embedding"].flatten(1).shape[0] == 2
 
 
 def test_resnet_structure_follows_crd():

@@ -22,18 +22,18 @@ class HintProbe(Knowledge):
     """A test double with a learnable adapter built from the real shapes (FitNets-like)."""
 
     def __init__(self, student_layer="features", source_layer="layer3", value=None):
-        super().__init__(weight=1.0, student_layers=[student_layer], source_layers=[source_layer])
+        super().__init__(weight=1.0, student_layers=[student_layer], teacher_layers=[source_layer])
         self.value = value
 
     def build(self, student, source):
-        s, t = student.feats[self.student_layers[0]], source.feats[self.source_layers[0]]
+        s, t = student.feats[self.student_layers[0]], source.feats[self.teacher_layers[0]]
         self.adapter = nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1)
 
     def forward(self, student, source, batch):
         if self.value is not None:
             return torch.tensor(self.value)
         s = self.adapter(student.feats[self.student_layers[0]])
-        t = source.feats[self.source_layers[0]]
+        t = source.feats[self.teacher_layers[0]]
         return F.mse_loss(F.adaptive_avg_pool2d(s, t.shape[-2:]), t)
 
 

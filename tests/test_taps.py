@@ -7,7 +7,7 @@ import torch
 
 from kdlab.errors import KdlabError
 from kdlab.models import create_model
-from kdlab.taps import FeatureTap
+from kdlab.taps import FeatureTap, expand_layers
 
 
 def test_tap_returns_logits_and_the_named_features_only():
@@ -36,3 +36,21 @@ def test_unknown_layer_lists_the_module_paths():
         FeatureTap(model, ["layer9"], role="student")
     message = str(error.value)
     assert "'layer9'" in message and "layer1.0.conv1" in message and "layer3" in message
+
+
+def test_named_tap_points_resolve_to_module_paths():
+    model = create_model("resnet8", num_classes=10, in_channels=1, input_size=28).eval()
+    out = FeatureTap(model, ["stage2", "embedding"])(torch.randn(2, 1, 28, 28))
+    assert out.feats["stage2"].shape == (2, 32, 14, 14)
+    assert out.feats["embedding"].flatten(1).shape == (2, 64)
+
+
+def test_stage_groups_expand_per_model():
+    tutorial = create_model("lightnn", num_classes=10, in_channels=1, input_size=28)
+    resnet = create_model("resnet8", num_classes=10, in_channels=1, input_size=28)
+    assert expand_layers(tutorial, ["stages"]) == ["stage1", "stage2"]
+    assert expand_layers(resnet, ["stages", "embedding"]) == ["stage1", "stage2", "stage3", "embedding"]
+    assert expand_layers(resnet, ["last_stage"]) == ["stage3"]
+    torchvision_model = create_model("torchvision/resnet18", num_classes=10, in_channels=1)
+    with pytest.raises(KdlabError, match="no named stages"):
+        expand_layers(torchvision_model, ["stages"], role="student")

@@ -25,7 +25,9 @@ class Knowledge(nn.Module):
         weight: this term's weight in the total loss.
         task_weight: the weight the method's published recipe gives the task (cross-entropy)
             loss. A scheme uses it when `mode.task_weight` is null and this is the only term.
-        student_layers / source_layers: module paths whose features this loss reads.
+        student_layers / teacher_layers: the layers whose features this loss reads: named tap
+            points of the model ("stage2", "embedding") or module paths. "Teacher" is the
+            teaching side of any scheme: a frozen teacher, a peer, a deeper exit.
     """
 
     def __init__(
@@ -33,7 +35,7 @@ class Knowledge(nn.Module):
         weight: float = 1.0,
         task_weight: float = 1.0,
         student_layers: tuple[str, ...] | list[str] = (),
-        source_layers: tuple[str, ...] | list[str] = (),
+        teacher_layers: tuple[str, ...] | list[str] = (),
     ):
         super().__init__()
         for name, value in (("weight", weight), ("task_weight", task_weight)):
@@ -45,7 +47,7 @@ class Knowledge(nn.Module):
         self.weight = float(weight)
         self.task_weight = float(task_weight)
         self.student_layers = tuple(student_layers)
-        self.source_layers = tuple(source_layers)
+        self.teacher_layers = tuple(teacher_layers)
 
     def build(self, student: Outputs, source: Outputs) -> None:
         """Create adapters from real output shapes; called once before training."""

@@ -56,7 +56,13 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """A (6n+2)-layer CIFAR ResNet: stem, layer1 (stride 1), layer2 and layer3 (stride 2), pool, fc."""
 
-    tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    # Named tap points: each stage's output, and the pooled embedding the classifier reads.
+    tap_points: dict[str, str] = {
+        "stage1": "layer1",
+        "stage2": "layer2",
+        "stage3": "layer3",
+        "embedding": "avgpool",
+    }
 
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int, in_channels: int = 3):
         super().__init__()

@@ -31,7 +31,8 @@ def _flat_side(input_size: int, model: str) -> int:
 class DeepNN(nn.Module):
     """The tutorial's teacher: four 3x3 convolutions (128, 64, 64, 32 channels) and a 512-unit MLP."""
 
-    tap_points: tuple[str, ...] = ("features",)
+    # Each pooling stage's output, and the classifier's hidden layer (after its ReLU).
+    tap_points: dict[str, str] = {"stage1": "features.4", "stage2": "features.9", "embedding": "classifier.1"}
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> None:
         super().__init__()
@@ -63,7 +64,7 @@ class DeepNN(nn.Module):
 class LightNN(nn.Module):
     """The tutorial's student: two 16-channel 3x3 convolutions and a 256-unit MLP."""
 
-    tap_points: tuple[str, ...] = ("features",)
+    tap_points: dict[str, str] = {"stage1": "features.2", "stage2": "features.5", "embedding": "classifier.1"}
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> None:
         super().__init__()

@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.errors import KdlabError
 from kdlab.knowledge import Knowledge
-from kdlab.taps import FeatureTap, Outputs
+from kdlab.taps import FeatureTap, Outputs, expand_layers
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -80,7 +80,7 @@ class Scheme(L.LightningModule):
         self.task_weight = self._resolve_task_weight(task_weight)
         # Lightning uses this for the model summary; prepare() uses it for the dry forward.
         self.example_input_array = torch.zeros(2, *input_shape)
-        self.student_tap = FeatureTap(student, self._layers("student_layers"), role=model_name)
+        self.student_tap = self._tap(student, "student", model_name)
         self.val_metrics = accuracy_metrics(num_classes, f"val/{model_name}/")
         self.test_metrics = nn.ModuleDict({model_name: accuracy_metrics(num_classes, f"test/{model_name}/")})
 
@@ -91,8 +91,18 @@ class Scheme(L.LightningModule):
         terms = list(self.knowledge.values())
         return terms[0].task_weight if len(terms) == 1 else 1.0
 
-    def _layers(self, attribute: str) -> list[str]:
-        return [layer for term in self.knowledge.values() for layer in getattr(term, attribute)]
+    def _tap(self, model: nn.Module, side: str, role: str) -> FeatureTap:
+        """A tap on `model` for the layers the knowledge terms read on `side` (student/teacher).
+
+        Group names ("stages", "last_stage") are expanded for this model first, in place, so each
+        term's `student_layers`/`teacher_layers` name the features it will find in `Outputs.feats`.
+        """
+        attribute = f"{side}_layers"
+        for term in self.knowledge.values():
+            setattr(term, attribute, tuple(expand_layers(model, getattr(term, attribute), role)))
+        return FeatureTap(
+            model, [layer for t in self.knowledge.values() for layer in getattr(t, attribute)], role
+        )
 
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs | None:
         """The knowledge source for this batch (detached), or None when there is none."""

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.schemes.base import Scheme, accuracy_metrics
-from kdlab.taps import FeatureTap, Outputs
+from kdlab.taps import Outputs
 
 # Lightning warns about modules in eval mode when fit starts: the frozen teacher is, on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -32,7 +32,7 @@ class Offline(Scheme):
     def __init__(self, teacher: nn.Module, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
-        self.teacher_tap = FeatureTap(teacher, self._layers("source_layers"), role="teacher")
+        self.teacher_tap = self._tap(teacher, "teacher", "teacher")
         self.test_metrics["teacher"] = accuracy_metrics(self.num_classes, "test/teacher/")
         self.agreement = MulticlassAccuracy(self.num_classes, top_k=1)
         self.mean_kl = MeanMetric()
