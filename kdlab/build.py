@@ -43,11 +43,15 @@ def build_knowledge(cfg: DictConfig) -> dict[str, nn.Module]:
     return {name: instantiate(node) for name, node in knowledge.items()}
 
 
-def optimisation(cfg: DictConfig) -> dict[str, Any]:
-    """The partial optimizer and scheduler, as scheme keyword arguments."""
+def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None) -> dict[str, Any]:
+    """The partial optimizer and scheduler, as scheme keyword arguments.
+
+    `optimizer_overrides` are merged over `optimizer.*` first (the teacher's own settings).
+    """
     scheduler = cfg.get("scheduler")
+    optimizer = OmegaConf.merge(cfg.optimizer, optimizer_overrides) if optimizer_overrides else cfg.optimizer
     return {
-        "optimizer": instantiate(cfg.optimizer),
+        "optimizer": instantiate(optimizer),
         "scheduler": instantiate(scheduler) if scheduler else None,
     }
 
@@ -66,6 +70,7 @@ def build_scheme(
         knowledge=knowledge,
         num_classes=datamodule.num_classes,
         input_shape=tuple(datamodule.input_shape),
+        num_samples=datamodule.train_split_size if knowledge else None,
         **optimisation(cfg),
         **sources,
         _recursive_=False,

@@ -70,7 +70,9 @@ def teacher_spec(cfg: DictConfig) -> dict[str, Any]:
     return {
         "model": model,
         "data": data,
-        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "optimizer": OmegaConf.to_container(
+            OmegaConf.merge(cfg.optimizer, cfg.teacher_training.optimizer), resolve=True
+        ),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         "trainer": {name: trainer.get(name) for name in TRAINING_ARGS},
         "seed": cfg.seed,
@@ -131,7 +133,7 @@ def train_teacher(cfg: DictConfig, datamodule: L.LightningDataModule, entry: Pat
         num_classes=datamodule.num_classes,
         input_shape=tuple(datamodule.input_shape),
         model_name="teacher",
-        **optimisation(cfg),
+        **optimisation(cfg, cfg.teacher_training.optimizer),
     )
     trainer = build_trainer(
         cfg,

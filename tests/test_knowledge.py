@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge import KD
+from kdlab.knowledge import DIST, DKD, KD
 from kdlab.taps import Outputs
 
 
 def out(logits) -> Outputs:
-    return Outputs(torch.tensor(logits, dtype=torch.float64))
+    return Outputs(torch.as_tensor(logits, dtype=torch.float64))
 
 
 def test_soft_targets_match_the_seed_example():
@@ -70,3 +71,77 @@ def test_non_positive_temperature_is_refused(temperature):
 def test_negative_weight_is_refused():
     with pytest.raises(KdlabError, match="weight"):
         KD(weight=-1)
+
+
+# ---------------------------------------------------------------------------------------- DKD
+def dkd_by_hand():
+    # 3 classes, target 0, T=1. Student [0,0,0]: p_s = (1/3,1/3,1/3), binary (1/3, 2/3), non-target
+    # (1/2,1/2). Teacher [0, ln 3, 0]: p_t = (1/5,3/5,1/5), binary (1/5, 4/5), non-target (3/4,1/4).
+    tckd = 0.2 * math.log(0.2 / (1 / 3)) + 0.8 * math.log(0.8 / (2 / 3))
+    nckd = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    return tckd, nckd
+
+
+def test_dkd_by_hand():
+    tckd, nckd = dkd_by_hand()
+    loss = DKD(alpha=1, beta=8, temperature=1, warmup_epochs=0)(
+        out([[0.0, 0.0, 0.0]]), out([[0.0, math.log(3), 0.0]]), {"target": torch.tensor([0])}
+    )
+    assert loss.item() == pytest.approx(tckd + 8 * nckd, rel=1e-9)
+
+
+def test_dkd_recovers_kd_with_the_papers_weights():
+    # Eq. 5: KD = TCKD + (1 - p_target^teacher) * NCKD, per sample, at any T.
+    torch.manual_seed(0)
+    s, t, target, T = torch.randn(1, 7, dtype=torch.float64), torch.randn(1, 7, dtype=torch.float64), 3, 2.5
+    p_target = torch.softmax(t / T, dim=1)[0, target].item()
+    dkd = DKD(alpha=1, beta=1 - p_target, temperature=T, warmup_epochs=0)
+    batch = {"target": torch.tensor([target])}
+    assert dkd(Outputs(s), Outputs(t), batch).item() == pytest.approx(
+        KD(temperature=T)(Outputs(s), Outputs(t), {}).item()
+    )
+
+
+def test_dkd_warms_up_linearly_from_the_epoch_the_scheme_sets():
+    tckd, nckd = dkd_by_hand()
+    dkd = DKD(alpha=1, beta=8, temperature=1, warmup_epochs=20)
+    args = (out([[0.0, 0.0, 0.0]]), out([[0.0, math.log(3), 0.0]]), {"target": torch.tensor([0])})
+    for epoch, factor in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (100, 1.0)):
+        dkd.epoch = epoch
+        assert dkd(*args).item() == pytest.approx(factor * (tckd + 8 * nckd), rel=1e-9)
+
+
+def test_dkd_is_zero_when_student_equals_teacher():
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    loss = DKD(warmup_epochs=0)(
+        Outputs(logits), Outputs(logits.clone()), {"target": torch.tensor([0, 1, 2, 5])}
+    )
+    assert loss.item() == pytest.approx(0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------- DIST
+def test_dist_by_hand():
+    # Logits log(p) give softmax = p exactly, so the Pearson correlations are of these rows/columns.
+    y_s = [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]
+    y_t = [[0.6, 0.3, 0.1], [0.1, 0.4, 0.5]]
+    inter = 1 - sum(statistics.correlation(a, b) for a, b in zip(y_s, y_t, strict=True)) / 2
+    columns = lambda y: [list(c) for c in zip(*y, strict=True)]  # noqa: E731
+    intra = 1 - sum(statistics.correlation(a, b) for a, b in zip(columns(y_s), columns(y_t), strict=True)) / 3
+    loss = DIST(beta=2, gamma=0.5)(out(torch.tensor(y_s).log()), out(torch.tensor(y_t).log()), {})
+    assert loss.item() == pytest.approx(2 * inter + 0.5 * intra, rel=1e-6)
+
+
+def test_dist_is_zero_when_student_equals_teacher_and_scales_by_tau_squared():
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    assert DIST()(Outputs(logits), Outputs(logits.clone()), {}).item() == pytest.approx(0, abs=1e-9)
+    s, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    y_s, y_t = torch.softmax(s / 3, 1), torch.softmax(t / 3, 1)
+    at_tau3 = DIST(temperature=3)(Outputs(s), Outputs(t), {})
+    at_tau1_of_softened = DIST(temperature=1)(Outputs(y_s.log()), Outputs(y_t.log()), {})
+    assert at_tau3.item() == pytest.approx(9 * at_tau1_of_softened.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("loss", [DKD, DIST])
+def test_response_losses_refuse_non_positive_temperature(loss):
+    with pytest.raises(KdlabError, match="temperature must be > 0"):
+        loss(temperature=0)

@@ -49,6 +49,8 @@ def _seed():
 def test_registry_holds_the_builtin_zoo():
     expected = {"deepnn", "lightnn"} | {f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)}
     expected |= {"resnet8x4", "resnet32x4"}
+    expected |= {"wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "shufflev1", "shufflev2"}
+    expected |= {"resnet50"}
     assert set(list_models()) == expected
     assert list_models() == sorted(list_models())
 

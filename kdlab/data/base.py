@@ -109,6 +109,17 @@ class ImageClassificationDataModule(LightningDataModule):
         """(C, H, W) of one input, for building models."""
         return (self.in_channels, self.input_size, self.input_size)
 
+    @property
+    def train_split_size(self) -> int:
+        """How many sample indices the training split spans (its train and val parts together).
+
+        Per-sample state keyed by `batch["index"]` (CRD's memory bank, caches) is sized by this.
+        """
+        if self.train_set is None:  # asked before Lightning prepared the data (e.g. to build a scheme)
+            self.prepare_data()
+            self.setup("fit")
+        return len(self.train_set.dataset)
+
     def setup(self, stage: str | None = None) -> None:
         # Each split is read once; Lightning may call setup again for later stages.
         if stage in (None, "fit", "validate") and self.train_set is None:

@@ -5,6 +5,7 @@ list of them (`knowledge=[kd,at]`), and every scheme sums them with the task los
 """
 
 from kdlab.knowledge.base import Knowledge
-from kdlab.knowledge.response import KD
+from kdlab.knowledge.contrastive import CRD
+from kdlab.knowledge.response import DIST, DKD, KD
 
-__all__ = ["KD", "Knowledge"]
+__all__ = ["CRD", "DIST", "DKD", "KD", "Knowledge"]

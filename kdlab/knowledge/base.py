@@ -48,6 +48,10 @@ class Knowledge(nn.Module):
         self.task_weight = float(task_weight)
         self.student_layers = tuple(student_layers)
         self.teacher_layers = tuple(teacher_layers)
+        # Set by the scheme: the training split's index count (for per-sample state, e.g. memory
+        # banks) before build(), and the current epoch (for schedules such as warm-up) each epoch.
+        self.num_samples: int | None = None
+        self.epoch = 0
 
     def build(self, student: Outputs, source: Outputs) -> None:
         """Create adapters from real output shapes; called once before training."""

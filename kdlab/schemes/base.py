@@ -46,6 +46,7 @@ class Scheme(L.LightningModule):
         task_weight: cross-entropy weight; null takes the recipe value of the only
             knowledge term (e.g. 0.1 for KD), or 1.0 when there are several or none.
         model_name: how the trained model is named in metric keys ("student", "teacher").
+        num_samples: the training split's index count, for losses with per-sample state.
     """
 
     #: whether run.py must hand this scheme a frozen, pretrained teacher
@@ -62,6 +63,7 @@ class Scheme(L.LightningModule):
         scheduler_interval: str = "epoch",
         task_weight: float | None = None,
         model_name: str = "student",
+        num_samples: int | None = None,
     ):
         super().__init__()
         self.student = student
@@ -72,6 +74,8 @@ class Scheme(L.LightningModule):
                     f"knowledge.{name} built a {type(term).__name__}, not a kdlab Knowledge loss. "
                     "Its _target_ must name a subclass of kdlab.knowledge.Knowledge."
                 )
+        for term in self.knowledge.values():
+            term.num_samples = num_samples
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -152,6 +156,11 @@ class Scheme(L.LightningModule):
             if name in terms:
                 loss = loss + term.weight * terms[name]
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        # Losses with schedules (e.g. DKD's warm-up) read the epoch from here, not from kwargs.
+        for term in self.knowledge.values():
+            term.epoch = self.current_epoch
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         x = batch["input"]
