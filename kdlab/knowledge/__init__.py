@@ -6,6 +6,24 @@ list of them (`knowledge=[kd,at]`), and every scheme sums them with the task los
 
 from kdlab.knowledge.base import Knowledge
 from kdlab.knowledge.contrastive import CRD
+from kdlab.knowledge.feature import AT, NST, VID, CosineHint, FitNet
+from kdlab.knowledge.relation import CC, FSP, PKT, RKD, SP
 from kdlab.knowledge.response import DIST, DKD, KD
 
-__all__ = ["CRD", "DIST", "DKD", "KD", "Knowledge"]
+__all__ = [
+    "AT",
+    "CC",
+    "CRD",
+    "DIST",
+    "DKD",
+    "FSP",
+    "KD",
+    "NST",
+    "PKT",
+    "RKD",
+    "SP",
+    "VID",
+    "CosineHint",
+    "FitNet",
+    "Knowledge",
+]

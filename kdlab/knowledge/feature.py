@@ -16,17 +16,15 @@ as well, so no gradient can reach a teacher or peer through these losses whateve
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge.base import Knowledge
+from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.taps import Outputs
-
-LAYER_REDUCTIONS = ("sum", "mean")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -54,18 +52,12 @@ def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def _layer_list(layers: str | Sequence[str]) -> tuple[str, ...]:
-    # A single name from the command line (`...student_layers=stage3`) is a list of one,
-    # not a sequence of characters.
-    return (layers,) if isinstance(layers, str) else tuple(layers)
-
-
 def _shape(x: Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-class FeatureKnowledge(Knowledge):
-    """Base of the feature losses: pairs layers, checks shapes at build time, sums over pairs.
+class FeatureKnowledge(LayerPairKnowledge):
+    """Base of the feature losses: checks each pair's shapes at build time and builds adapters.
 
     Subclasses set `key` (the config name used in messages), implement `pair_loss`, and may
     override `check_pair` (raise on shapes they cannot handle) and `build_pairs` (create adapters).
@@ -75,56 +67,8 @@ class FeatureKnowledge(Knowledge):
     #: what the method needs to compare, for error messages
     accepts = "feature maps"
 
-    def __init__(
-        self,
-        weight: float = 1.0,
-        task_weight: float = 1.0,
-        student_layers: str | Sequence[str] = ("stages",),
-        teacher_layers: str | Sequence[str] = ("stages",),
-        layer_reduction: str = "sum",
-    ):
-        super().__init__(
-            weight=weight,
-            task_weight=task_weight,
-            student_layers=_layer_list(student_layers),
-            teacher_layers=_layer_list(teacher_layers),
-        )
-        if not self.student_layers or not self.teacher_layers:
-            raise KdlabError(
-                f"{type(self).__name__} reads no layers (student_layers={list(self.student_layers)}, "
-                f"teacher_layers={list(self.teacher_layers)}). Set knowledge.{self.key}.student_layers and "
-                f"knowledge.{self.key}.teacher_layers to the layers to compare, e.g. [stages] (every stage) "
-                "or [last_stage], or to module paths of the two models."
-            )
-        if layer_reduction not in LAYER_REDUCTIONS:
-            raise KdlabError(
-                f"{type(self).__name__}: layer_reduction={layer_reduction!r} is not one of "
-                f"{', '.join(LAYER_REDUCTIONS)}. Set knowledge.{self.key}.layer_reduction to 'sum' (the "
-                "papers and the CRD benchmark: the per-layer losses are added) or 'mean'."
-            )
-        self.layer_reduction = layer_reduction
-
-    # ------------------------------------------------------------------ pairing and checks
-    def pairs(self) -> list[tuple[str, str]]:
-        """(student layer, teacher layer) pairs; the two lists must have the same length."""
-        s, t = list(self.student_layers), list(self.teacher_layers)
-        if len(s) != len(t):
-            n = min(len(s), len(t))
-            raise KdlabError(
-                f"{type(self).__name__} compares student_layers[i] with teacher_layers[i], but after "
-                f"'stages'/'last_stage' were expanded for each model the student has {len(s)} layer(s) "
-                f"{s} and the teacher {len(t)} {t}. Give knowledge.{self.key}.student_layers and "
-                f"knowledge.{self.key}.teacher_layers the same number of layers, e.g. the deepest "
-                f"{n} of each: knowledge.{self.key}.student_layers=[{','.join(s[-n:])}] "
-                f"knowledge.{self.key}.teacher_layers=[{','.join(t[-n:])}]."
-            )
-        return list(zip(s, t, strict=True))
-
-    def _features(self, student: Outputs, source: Outputs) -> list[tuple[Tensor, Tensor]]:
-        return [(student.feats[s], source.feats[t].detach()) for s, t in self.pairs()]
-
     def build(self, student: Outputs, source: Outputs) -> None:
-        feats = self._features(student, source)
+        feats = self.pairs(student, source)
         for index, (s, t) in enumerate(feats):
             self.check_pair(index, s, t)
         self.build_pairs(feats)
@@ -160,16 +104,6 @@ class FeatureKnowledge(Knowledge):
                     f"{side}'s layer '{layer}' gives shape {_shape(x)}. Pick a convolutional layer for "
                     f"knowledge.{self.key}.{side}_layers instead (e.g. [stages], [last_stage] or stage2)."
                 )
-
-    # ---------------------------------------------------------------------------- the loss
-    def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
-        losses = torch.stack(
-            [self.pair_loss(i, s, t) for i, (s, t) in enumerate(self._features(student, source))]
-        )
-        return losses.sum() if self.layer_reduction == "sum" else losses.mean()
 
 
 def _check_positive(value: float, name: str, key: str, hint: str, cls: str) -> float:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge.base import Knowledge
+from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.taps import Outputs
 
 Layers = tuple[str, ...] | list[str]
@@ -42,72 +42,16 @@ def _check_number(loss: str, name: str, value: object, minimum: float, strict: b
     return float(value)
 
 
-class _LayerPairs(Knowledge):
-    """Shared plumbing: pair student_layers[i] with teacher_layers[i] and sum a loss over pairs.
-
-    Subclasses set `key` (the config name used in error messages) and implement `pair_loss`.
-    """
-
-    key = ""
-
-    def __init__(self, weight: float, task_weight: float, student_layers: Layers, teacher_layers: Layers):
-        super().__init__(weight, task_weight, student_layers, teacher_layers)
-        if not self.student_layers or not self.teacher_layers:
-            raise KdlabError(
-                f"{self.key.upper()} needs at least one layer on each side, but got student_layers="
-                f"{list(self.student_layers)} and teacher_layers={list(self.teacher_layers)}. Set "
-                f"knowledge.{self.key}.student_layers and knowledge.{self.key}.teacher_layers, e.g. to "
-                "[embedding], [last_stage] or [stages]."
-            )
-
-    def _feature(self, outputs: Outputs, name: str, side: str) -> Tensor:
-        if name not in outputs.feats:
-            raise KdlabError(
-                f"{self.key.upper()} reads the {side}'s feature '{name}', but the {side}'s outputs carry "
-                f"only {sorted(outputs.feats)}. Build the loss inside a scheme, which taps the layers named "
-                f"in knowledge.{self.key}.{side}_layers, or check that list names a tap point or module path."
-            )
-        return outputs.feats[name]
+class _LayerPairs(LayerPairKnowledge):
+    """Relation losses: the shared pairing, with the relations computed in float32."""
 
     def pairs(self, student: Outputs, source: Outputs) -> list[tuple[Tensor, Tensor]]:
-        """(student feature, teacher feature) per listed pair; the teacher side is detached."""
-        if len(self.student_layers) != len(self.teacher_layers):
-            raise KdlabError(
-                f"{self.key.upper()} pairs student_layers[i] with teacher_layers[i], but after expanding "
-                f"'stages'/'last_stage' there are {len(self.student_layers)} student layers "
-                f"{list(self.student_layers)} and {len(self.teacher_layers)} teacher layers "
-                f"{list(self.teacher_layers)}. Give knowledge.{self.key}.student_layers and "
-                f"knowledge.{self.key}.teacher_layers the same length, e.g. [last_stage] on both sides, "
-                "or name the layers one by one."
-            )
-        pairs = []
-        for s_name, t_name in zip(self.student_layers, self.teacher_layers, strict=True):
-            s = self._feature(student, s_name, "student")
-            # Detached here too, not only by the scheme: no relation loss may train its source.
-            t = self._feature(source, t_name, "teacher").detach()
-            if s.shape[0] != t.shape[0]:
-                raise KdlabError(
-                    f"{self.key.upper()} relates the samples of one batch, but the student's '{s_name}' "
-                    f"holds {s.shape[0]} samples and the teacher's '{t_name}' {t.shape[0]}. Both models "
-                    "must see the same batch; check knowledge."
-                    f"{self.key}.student_layers/teacher_layers name per-sample features."
-                )
-            pairs.append((s, t))
-        return pairs
-
-    def build(self, student: Outputs, source: Outputs) -> None:
-        self.pairs(student, source)  # fail before training, with the message, not at step one
-
-    def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        return [(_full_precision(s), _full_precision(t)) for s, t in super().pairs(student, source)]
 
     def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
-        pairs = self.pairs(student, source)
-        with torch.autocast(pairs[0][0].device.type, enabled=False):
-            losses = [
-                self.pair_loss(i, _full_precision(s), _full_precision(t)) for i, (s, t) in enumerate(pairs)
-            ]
-        return torch.stack(losses).sum()
+        device = next(iter(student.feats.values())).device.type
+        with torch.autocast(device, enabled=False):
+            return super().forward(student, source, batch)
 
 
 class RKD(_LayerPairs):
