@@ -64,6 +64,8 @@ def build_scheme(
     cfg: DictConfig, datamodule: L.LightningDataModule, knowledge: dict[str, nn.Module], **sources: nn.Module
 ) -> Scheme:
     """The `mode=` LightningModule around a fresh student, with `sources` (e.g. teacher=)."""
+    if cfg.mode.get("extra_peers"):  # more peers for online mode: the student's config, other names
+        sources["extra_peers"] = [build_model(cfg.student, name=name) for name in cfg.mode.extra_peers]
     return instantiate(
         cfg.mode,
         student=build_model(cfg.student),

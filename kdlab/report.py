@@ -30,15 +30,19 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def model_rows(
-    models: dict[str, nn.Module], architectures: dict[str, str], metrics: dict[str, float]
+    models: dict[str, nn.Module],
+    architectures: dict[str, str],
+    metrics: dict[str, float],
+    extra: list[str] = (),
 ) -> list[dict]:
-    """One row per model: its size and its `test/<model>/<metric>` values."""
+    """One row per model (its size and `test/<model>/<metric>` values), then one per `extra` entry."""
     rows = []
-    for name, model in models.items():
+    for name in [*models, *extra]:
+        model = models.get(name)
         row: dict[str, Any] = {
             "model": name,
-            "architecture": architectures.get(name, type(model).__name__),
-            "params": parameter_count(model),
+            "architecture": architectures.get(name, type(model).__name__ if model is not None else name),
+            "params": parameter_count(model) if model is not None else None,
         }
         for column, metric in _METRIC_OF_COLUMN.items():
             row[column] = metrics.get(f"test/{name}/{metric}")

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdlab.build import (
     build_callbacks,
     build_knowledge,
+    build_model,
     build_scheme,
     build_trainer,
     instantiate,
@@ -51,18 +52,20 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     knowledge = build_knowledge(cfg)  # before any teacher training: bad options fail fast
-    teacher, record = None, None
-    if scheme_class(cfg).needs_teacher:
-        teacher, record = obtain_teacher(cfg, datamodule)
+    record, sources = None, {}
+    role = scheme_class(cfg).teacher_role
+    if role == "pretrained":
+        sources["teacher"], record = obtain_teacher(cfg, datamodule)
         # Re-seed: the student's init must not depend on whether the teacher was just trained.
         L.seed_everything(cfg.seed, workers=True)
+    elif role == "peer":
+        sources["teacher"] = build_model(cfg.teacher)  # a fresh, trainable peer
     elif cfg.get("knowledge"):
         log.info(
             "mode=%s trains with the task loss only; knowledge=%s is not used.",
             cfg.mode._target_.rsplit(".", 1)[-1],
             list(cfg.knowledge),
         )
-    sources = {"teacher": teacher} if teacher is not None else {}
     scheme = build_scheme(cfg, datamodule, knowledge, **sources)
     trainer = build_trainer(cfg, logger=loggers, callbacks=build_callbacks(cfg))
     for logger in loggers:
@@ -77,11 +80,14 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
     metrics.update(_floats(trainer.callback_metrics))
 
     architectures = {"student": cfg.student.name, "teacher": cfg.teacher.name}
-    rows = model_rows(scheme.models(), architectures, metrics)
+    architectures.update({f"peer{i + 3}": name for i, name in enumerate(cfg.mode.get("extra_peers") or [])})
+    # Entries tested without a module of their own (an ensemble, exits) get rows too.
+    extra = [name for name in scheme.test_metrics if name not in scheme.models()]
+    rows = model_rows(scheme.models(), architectures, metrics, extra)
     results = {
         "run_dir": str(output_dir),
         "mode": cfg.mode._target_.rsplit(".", 1)[-1].lower(),
-        "knowledge": list(scheme.knowledge),
+        "knowledge": list(scheme.templates),
         "teacher": record_dict(record),
         "checkpoint": best or None,
         "models": rows,

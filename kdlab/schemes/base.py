@@ -1,8 +1,9 @@
-"""What every scheme shares: the student, its knowledge losses, optimisation and metrics.
+"""What every scheme shares: knowledge losses, the weighted loss sum, optimisation, metrics.
 
-A scheme is a LightningModule that decides *where* knowledge comes from (subclasses say
-that); this base owns the rest: the weighted loss sum, each term logged on its own, the
-optimizer over the student and the loss adapters only, torchmetrics top-1/top-5, and a
+A scheme is a LightningModule that decides *where* knowledge comes from; subclasses hold the
+trained models (one student, N peers, a model with exits) and say what teaches what. This base
+owns the rest: the configured knowledge terms, the task weight, the optimizer over the trained
+models and the loss adapters only, torchmetrics top-1/top-5 for every reported model, and a
 check that stops a run whose loss became NaN with a clear error.
 """
 
@@ -13,14 +14,12 @@ from collections.abc import Callable, Iterable, Mapping
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.errors import KdlabError
 from kdlab.knowledge import Knowledge
-from kdlab.taps import FeatureTap, Outputs, expand_layers
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -34,102 +33,90 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+def checked_knowledge(knowledge: Mapping[str, nn.Module] | None) -> dict[str, Knowledge]:
+    terms = dict(knowledge or {})
+    for name, term in terms.items():
+        if not isinstance(term, Knowledge):
+            raise KdlabError(
+                f"knowledge.{name} built a {type(term).__name__}, not a kdlab Knowledge loss. "
+                "Its _target_ must name a subclass of kdlab.knowledge.Knowledge."
+            )
+    return terms
+
+
+def resolve_task_weight(task_weight: float | None, terms: list[Knowledge]) -> float:
+    """The cross-entropy weight: as set, else the recipe's of a lone term, else 1."""
+    if task_weight is not None:
+        return float(task_weight)
+    return terms[0].task_weight if len(terms) == 1 else 1.0
+
+
 class Scheme(L.LightningModule):
-    """Base of all schemes. Subclasses attach their sources, then call `self.prepare()`.
+    """Base of all schemes.
 
     Args:
-        student: the model being trained (for teacher training, the teacher itself).
         optimizer: a partial optimizer, called with the trainable parameters.
         num_classes / input_shape: from the datamodule; used to check the models.
-        knowledge: named `Knowledge` losses, summed with their weights.
+        knowledge: the configured `Knowledge` losses by name (a scheme may copy them per
+            direction, e.g. one per pair of peers).
         scheduler: a partial LR scheduler, stepped every `scheduler_interval`.
         task_weight: cross-entropy weight; null takes the recipe value of the only
             knowledge term (e.g. 0.1 for KD), or 1.0 when there are several or none.
-        model_name: how the trained model is named in metric keys ("student", "teacher").
         num_samples: the training split's index count, for losses with per-sample state.
     """
 
-    #: whether run.py must hand this scheme a frozen, pretrained teacher
-    needs_teacher = False
+    #: what the scheme does with the configured teacher model: nothing ("none"), distil from it
+    #: frozen ("pretrained": run.py loads or trains it first), or train it as a peer ("peer").
+    teacher_role = "none"
 
     def __init__(
         self,
-        student: nn.Module,
         optimizer: OptimizerFactory,
         num_classes: int,
         input_shape: tuple[int, int, int],
-        knowledge: Mapping[str, Knowledge] | None = None,
+        knowledge: Mapping[str, nn.Module] | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
         task_weight: float | None = None,
-        model_name: str = "student",
         num_samples: int | None = None,
     ):
         super().__init__()
-        self.student = student
-        self.knowledge = nn.ModuleDict(dict(knowledge or {}))
-        for name, term in self.knowledge.items():
-            if not isinstance(term, Knowledge):
-                raise KdlabError(
-                    f"knowledge.{name} built a {type(term).__name__}, not a kdlab Knowledge loss. "
-                    "Its _target_ must name a subclass of kdlab.knowledge.Knowledge."
-                )
-        for term in self.knowledge.values():
+        # The configured terms. Subclasses register the live ones under `self.knowledge` (the
+        # templates themselves for one student; copies per direction for peers).
+        self.templates = checked_knowledge(knowledge)
+        self.knowledge = nn.ModuleDict()
+        for term in self.templates.values():
             term.num_samples = num_samples
+        self.task_weight = resolve_task_weight(task_weight, list(self.templates.values()))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.num_classes = num_classes
-        self.model_name = model_name
-        self.task_weight = self._resolve_task_weight(task_weight)
-        # Lightning uses this for the model summary; prepare() uses it for the dry forward.
+        # Lightning uses this for the model summary; subclasses use it for their dry forward.
         self.example_input_array = torch.zeros(2, *input_shape)
-        self.student_tap = self._tap(student, "student", model_name)
-        self.val_metrics = accuracy_metrics(num_classes, f"val/{model_name}/")
-        self.test_metrics = nn.ModuleDict({model_name: accuracy_metrics(num_classes, f"test/{model_name}/")})
+        self.val_metrics = nn.ModuleDict()
+        self.test_metrics = nn.ModuleDict()
 
-    # ----------------------------------------------------------------- construction
-    def _resolve_task_weight(self, task_weight: float | None) -> float:
-        if task_weight is not None:
-            return float(task_weight)
-        terms = list(self.knowledge.values())
-        return terms[0].task_weight if len(terms) == 1 else 1.0
+    # ------------------------------------------------------------ what subclasses provide
+    def trained_models(self) -> dict[str, nn.Module]:
+        """The models being optimised, by name (validated every epoch)."""
+        raise NotImplementedError
 
-    def _tap(self, model: nn.Module, side: str, role: str) -> FeatureTap:
-        """A tap on `model` for the layers the knowledge terms read on `side` (student/teacher).
+    def models(self) -> dict[str, nn.Module]:
+        """The models reported in the results table (trained ones, plus e.g. a frozen teacher)."""
+        return self.trained_models()
 
-        Group names ("stages", "last_stage") are expanded for this model first, in place, so each
-        term's `student_layers`/`teacher_layers` name the features it will find in `Outputs.feats`.
-        """
-        attribute = f"{side}_layers"
-        for term in self.knowledge.values():
-            setattr(term, attribute, tuple(expand_layers(model, getattr(term, attribute), role)))
-        return FeatureTap(
-            model, [layer for t in self.knowledge.values() for layer in getattr(t, attribute)], role
-        )
+    def knowledge_terms(self) -> list[Knowledge]:
+        """Every live loss term registered under `self.knowledge`, however it is nested."""
+        return [m for m in self.knowledge.modules() if isinstance(m, Knowledge)]
 
-    def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs | None:
-        """The knowledge source for this batch (detached), or None when there is none."""
-        return None
+    def add_metrics(self, name: str, validate: bool = True) -> None:
+        """Top-1 (and top-5) for a reported model on test, and on validation if `validate`."""
+        if validate:
+            self.val_metrics[name] = accuracy_metrics(self.num_classes, f"val/{name}/")
+        self.test_metrics[name] = accuracy_metrics(self.num_classes, f"test/{name}/")
 
-    @torch.no_grad()
-    def prepare(self) -> None:
-        """One dry forward: check the models' shapes and build the losses' adapters."""
-        was_training = self.student.training
-        self.student.eval()  # so the dry pass leaves BatchNorm statistics untouched
-        try:
-            x = self.example_input_array
-            student = self.student_tap(x)
-            self._check_logits(student.logits, self.model_name)
-            source = self.sources(x, {})
-            if source is not None:
-                self._check_logits(source.logits, "teacher")
-                for term in self.knowledge.values():
-                    term.build(student, source)
-        finally:
-            self.student.train(was_training)
-
-    def _check_logits(self, logits: Tensor, role: str) -> None:
+    def check_logits(self, logits: Tensor, role: str) -> None:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise KdlabError(
                 f"The {role} outputs logits of shape {tuple(logits.shape)}, but the data has "
@@ -139,38 +126,16 @@ class Scheme(L.LightningModule):
             )
 
     # ---------------------------------------------------------------------- training
-    def forward(self, x: Tensor) -> Tensor:
-        return self.student(x)
-
-    def loss_terms(self, student: Outputs, source: Outputs | None, batch: Mapping[str, Tensor]) -> dict:
-        """Unweighted loss terms: the task loss plus each knowledge term."""
-        terms = {"task": F.cross_entropy(student.logits, batch["target"])}
-        if source is not None:
-            for name, term in self.knowledge.items():
-                terms[name] = term(student, source, batch)
-        return terms
-
-    def weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:
-        loss = self.task_weight * terms["task"]
-        for name, term in self.knowledge.items():
-            if name in terms:
-                loss = loss + term.weight * terms[name]
-        return loss
-
     def on_train_epoch_start(self) -> None:
         # Losses with schedules (e.g. DKD's warm-up) read the epoch from here, not from kwargs.
-        for term in self.knowledge.values():
+        for term in self.knowledge_terms():
             term.epoch = self.current_epoch
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        x = batch["input"]
-        student = self.student_tap(x)
-        terms = self.loss_terms(student, self.sources(x, batch), batch)
-        loss = self.weighted_sum(terms)
+    def log_terms(self, terms: Mapping[str, Tensor], loss: Tensor) -> None:
+        """Each unweighted term on its own (train/<name>) and the weighted total (train/loss)."""
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, on_step=True, on_epoch=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self._last_terms = terms
-        return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Checked at the logging cadence only: the check syncs with the GPU.
@@ -187,23 +152,28 @@ class Scheme(L.LightningModule):
             )
 
     # -------------------------------------------------------------------- evaluation
-    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(self.student(batch["input"]), batch["target"])
-        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
+    def evaluate(self, stage: str, models: Mapping[str, nn.Module], batch: Mapping[str, Tensor]) -> dict:
+        """Update and log each model's `stage` metrics; return the logits for subclasses."""
+        logits = {name: model(batch["input"]) for name, model in models.items()}
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        for name, out in logits.items():
+            metrics[name].update(out, batch["target"])
+            self.log_dict(metrics[name], on_epoch=True, prog_bar=stage == "val")
+        return logits
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self.evaluate("val", self.trained_models(), batch)
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Every reported model's test metrics; returns their logits for subclasses."""
-        logits = {name: model(batch["input"]) for name, model in self.models().items()}
-        for name, out in logits.items():
-            self.test_metrics[name].update(out, batch["target"])
-            self.log_dict(self.test_metrics[name], on_epoch=True)
-        return logits
+        return self.evaluate("test", self.models(), batch)
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The student's and the loss adapters' parameters: never a teacher's."""
-        params = list(self.student.parameters()) + list(self.knowledge.parameters())
-        return [p for p in params if p.requires_grad]
+        """The trained models' and the live loss adapters' parameters: never a frozen teacher's."""
+        params = [p for model in self.trained_models().values() for p in model.parameters()]
+        params += [p for term in self.knowledge_terms() for p in term.parameters()]
+        unique = {id(p): p for p in params if p.requires_grad}
+        return list(unique.values())
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
@@ -214,7 +184,3 @@ class Scheme(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
         }
-
-    def models(self) -> dict[str, nn.Module]:
-        """The models this scheme reports on, by name (for the final results table)."""
-        return {self.model_name: self.student}

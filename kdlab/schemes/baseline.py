@@ -6,10 +6,10 @@ train teachers for offline distillation.
 
 from __future__ import annotations
 
-from kdlab.schemes.base import Scheme
+from kdlab.schemes.student import StudentScheme
 
 
-class Baseline(Scheme):
+class Baseline(StudentScheme):
     """Plain supervised training. Knowledge terms have no source here, so none are used."""
 
     def __init__(self, *args, **kwargs):

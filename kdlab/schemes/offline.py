@@ -17,23 +17,23 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdlab.schemes.base import Scheme, accuracy_metrics
+from kdlab.schemes.student import StudentScheme
 from kdlab.taps import Outputs
 
 # Lightning warns about modules in eval mode when fit starts: the frozen teacher is, on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
-class Offline(Scheme):
+class Offline(StudentScheme):
     """Student learns from a frozen teacher through the configured knowledge losses."""
 
-    needs_teacher = True
+    teacher_role = "pretrained"
 
     def __init__(self, teacher: nn.Module, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
-        self.teacher_tap = self._tap(teacher, "teacher", "teacher")
-        self.test_metrics["teacher"] = accuracy_metrics(self.num_classes, "test/teacher/")
+        self.teacher_tap = self.tap(teacher, "teacher", "teacher")
+        self.add_metrics("teacher", validate=False)
         self.agreement = MulticlassAccuracy(self.num_classes, top_k=1)
         self.mean_kl = MeanMetric()
         self.prepare()

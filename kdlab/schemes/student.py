@@ -1,0 +1,95 @@
+"""Schemes with one student that learns from one source per batch (baseline, offline, self).
+
+The student is tapped for the layers its knowledge terms read; `sources()` says what teaches it
+on this batch (nothing, a frozen teacher, ...). The loss is the weighted sum of the task loss
+and each knowledge term, each logged on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlab.schemes.base import Scheme
+from kdlab.taps import FeatureTap, Outputs, expand_layers
+
+
+class StudentScheme(Scheme):
+    """One trained model (`model_name`, "student" by default) and its knowledge terms.
+
+    Subclasses attach their source, then call `self.prepare()`.
+    """
+
+    def __init__(self, student: nn.Module, *args, model_name: str = "student", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.student = student
+        self.model_name = model_name
+        self.knowledge = nn.ModuleDict(self.templates)
+        self.student_tap = self.tap(student, "student", model_name)
+        self.add_metrics(model_name)
+
+    def tap(self, model: nn.Module, side: str, role: str) -> FeatureTap:
+        """A tap on `model` for the layers the knowledge terms read on `side` (student/teacher).
+
+        Group names ("stages", "last_stage") are expanded for this model first, in place, so each
+        term's `student_layers`/`teacher_layers` name the features it will find in `Outputs.feats`.
+        """
+        attribute = f"{side}_layers"
+        for term in self.knowledge.values():
+            setattr(term, attribute, tuple(expand_layers(model, getattr(term, attribute), role)))
+        return FeatureTap(
+            model, [layer for t in self.knowledge.values() for layer in getattr(t, attribute)], role
+        )
+
+    def trained_models(self) -> dict[str, nn.Module]:
+        return {self.model_name: self.student}
+
+    def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs | None:
+        """The knowledge source for this batch (detached), or None when there is none."""
+        return None
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """One dry forward: check the models' shapes and build the losses' adapters."""
+        was_training = self.student.training
+        self.student.eval()  # so the dry pass leaves BatchNorm statistics untouched
+        try:
+            x = self.example_input_array
+            student = self.student_tap(x)
+            self.check_logits(student.logits, self.model_name)
+            source = self.sources(x, {})
+            if source is not None:
+                self.check_logits(source.logits, "teacher")
+                for term in self.knowledge.values():
+                    term.build(student, source)
+        finally:
+            self.student.train(was_training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    def loss_terms(self, student: Outputs, source: Outputs | None, batch: Mapping[str, Tensor]) -> dict:
+        """Unweighted loss terms: the task loss plus each knowledge term."""
+        terms = {"task": F.cross_entropy(student.logits, batch["target"])}
+        if source is not None:
+            for name, term in self.knowledge.items():
+                terms[name] = term(student, source, batch)
+        return terms
+
+    def weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:
+        loss = self.task_weight * terms["task"]
+        for name, term in self.knowledge.items():
+            if name in terms:
+                loss = loss + term.weight * terms[name]
+        return loss
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        x = batch["input"]
+        student = self.student_tap(x)
+        terms = self.loss_terms(student, self.sources(x, batch), batch)
+        loss = self.weighted_sum(terms)
+        self.log_terms(terms, loss)
+        return loss
