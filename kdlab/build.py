@@ -57,7 +57,9 @@ def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None) ->
 
 
 def scheme_class(cfg: DictConfig) -> type[Scheme]:
-    return hydra.utils.get_class(cfg.mode._target_)
+    """The scheme `mode=` builds (for mode=self, the class of `mode.method`)."""
+    cls = hydra.utils.get_class(cfg.mode._target_)
+    return cls.scheme_class(cfg.mode.method) if hasattr(cls, "scheme_class") else cls
 
 
 def build_scheme(

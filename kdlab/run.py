@@ -28,7 +28,7 @@ from kdlab.build import (
 from kdlab.errors import KdlabError
 from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.report import format_table, log_table, model_rows, write_metrics
-from kdlab.teachers import obtain_teacher, record_dict
+from kdlab.teachers import obtain_generations, obtain_teacher, record_dict
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -58,6 +58,10 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
         sources["teacher"], record = obtain_teacher(cfg, datamodule)
         # Re-seed: the student's init must not depend on whether the teacher was just trained.
         L.seed_everything(cfg.seed, workers=True)
+    elif role == "generations":
+        sources["teacher"], sources["earlier"], records = obtain_generations(cfg, datamodule)
+        record = records[-1]
+        L.seed_everything(cfg.seed, workers=True)
     elif role == "peer":
         sources["teacher"] = build_model(cfg.teacher)  # a fresh, trainable peer
     elif cfg.get("knowledge"):
@@ -81,6 +85,8 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
 
     architectures = {"student": cfg.student.name, "teacher": cfg.teacher.name}
     architectures.update({f"peer{i + 3}": name for i, name in enumerate(cfg.mode.get("extra_peers") or [])})
+    if role == "generations":  # every generation has the student's architecture
+        architectures.update({name: cfg.student.name for name in ("teacher", *sources["earlier"])})
     # Entries tested without a module of their own (an ensemble, exits) get rows too.
     extra = [name for name in scheme.test_metrics if name not in scheme.models()]
     rows = model_rows(scheme.models(), architectures, metrics, extra)

@@ -25,11 +25,12 @@ import lightning as L
 import torch
 from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from kdlab.build import build_model, build_trainer, optimisation
-from kdlab.schemes import Baseline
+from kdlab.build import build_knowledge, build_model, build_trainer, optimisation
+from kdlab.errors import KdlabError
+from kdlab.schemes import Baseline, Offline
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +124,39 @@ class TeacherStore:
             return TeacherRecord("trained", str(weights), key)
 
 
-def train_teacher(cfg: DictConfig, datamodule: L.LightningDataModule, entry: Path) -> tuple[dict, dict]:
-    """Train the configured teacher with the baseline scheme; return its weights and metrics."""
-    log.info("No stored teacher for this configuration: training %s first (%s)", cfg.teacher.name, entry)
-    L.seed_everything(cfg.seed, workers=True)
-    teacher = build_model(cfg.teacher, checkpoint=None)
-    scheme = Baseline(
-        student=teacher,
-        num_classes=datamodule.num_classes,
-        input_shape=tuple(datamodule.input_shape),
-        model_name="teacher",
+def train_teacher(
+    cfg: DictConfig,
+    datamodule: L.LightningDataModule,
+    entry: Path,
+    source: nn.Module | None = None,
+    name: str = "teacher",
+    seed_offset: int = 0,
+) -> tuple[dict, dict]:
+    """Train the configured teacher model; return its weights and metrics.
+
+    Alone (the baseline scheme), or, given a frozen `source`, distilled from it with the
+    configured knowledge (a Born-Again generation). `name` labels its metrics.
+    """
+    log.info("No stored %s for this configuration: training %s first (%s)", name, cfg.teacher.name, entry)
+    L.seed_everything(cfg.seed + seed_offset, workers=True)
+    model = build_model(cfg.teacher, checkpoint=None)
+    common = {
+        "student": model,
+        "num_classes": datamodule.num_classes,
+        "input_shape": tuple(datamodule.input_shape),
+        "model_name": name,
         **optimisation(cfg, cfg.teacher_training.optimizer),
-    )
+    }
+    if source is None:
+        scheme = Baseline(**common)
+    else:
+        scheme = Offline(
+            teacher=source,
+            knowledge=build_knowledge(cfg),
+            num_samples=datamodule.train_split_size,
+            task_weight=cfg.mode.get("task_weight"),
+            **common,
+        )
     trainer = build_trainer(
         cfg,
         cfg.teacher_training.trainer,
@@ -143,8 +165,8 @@ def train_teacher(cfg: DictConfig, datamodule: L.LightningDataModule, entry: Pat
         enable_checkpointing=False,
     )
     trainer.fit(scheme, datamodule=datamodule)
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    return teacher.state_dict(), metrics
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    return model.state_dict(), metrics
 
 
 def obtain_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[nn.Module, TeacherRecord]:
@@ -156,6 +178,56 @@ def obtain_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[
         record = store.fetch_or_train(teacher_spec(cfg), lambda entry: train_teacher(cfg, datamodule, entry))
     log.info("Teacher %s: %s from %s", cfg.teacher.name, record.source, record.path)
     return build_model(cfg.teacher, checkpoint=record.path), record
+
+
+def obtain_generations(
+    cfg: DictConfig, datamodule: L.LightningDataModule
+) -> tuple[nn.Module, dict[str, nn.Module], list[TeacherRecord]]:
+    """Born-Again: generations 0..K-1 of the student's architecture, each from the store.
+
+    Generation 0 is the architecture trained alone; generation k distils from k-1 with the
+    configured knowledge. Each is stored under a key that includes its teacher's key, so a run
+    interrupted mid-chain resumes at the first generation not yet stored. Returns generation
+    K-1 (the teacher of the run's student, generation K), the earlier ones, and their records.
+    """
+    count = int(cfg.mode.get("generations", 0))
+    if count < 1:
+        raise KdlabError(
+            f"mode.generations={count}: Born-Again needs at least one earlier generation to distil "
+            "from. Set mode.generations=K (K >= 1; the run trains generation K from generation K-1)."
+        )
+    chain_cfg = cfg.copy()
+    with open_dict(chain_cfg):
+        chain_cfg.teacher = cfg.student  # every generation has the student's architecture
+    store, base = TeacherStore(cfg.teacher_training.store), teacher_spec(chain_cfg)
+    generations: dict[str, nn.Module] = {}
+    records: list[TeacherRecord] = []
+    for k in range(count):
+        name, previous = f"gen{k}", generations.get(f"gen{k - 1}")
+        spec = base
+        if k > 0:
+            spec = {
+                **base,
+                "born_again": {
+                    "generation": k,
+                    "teacher": records[-1].key,
+                    "knowledge": OmegaConf.to_container(cfg.knowledge, resolve=True),
+                    "task_weight": cfg.mode.get("task_weight"),
+                },
+            }
+        record = store.fetch_or_train(
+            spec,
+            lambda entry, previous=previous, k=k, name=name: train_teacher(
+                chain_cfg, datamodule, entry, source=previous, name=name, seed_offset=k
+            ),
+        )
+        log.info("Born-Again %s: %s from %s", name, record.source, record.path)
+        generations[name] = (
+            build_model(chain_cfg.teacher, checkpoint=record.path).eval().requires_grad_(False)
+        )
+        records.append(record)
+    teacher = generations.pop(f"gen{count - 1}")
+    return teacher, generations, records
 
 
 def record_dict(record: TeacherRecord | None) -> dict[str, Any] | None:

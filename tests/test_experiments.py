@@ -99,7 +99,9 @@ def test_both_resnet32x4_pairs_share_one_stored_teacher(tmp_path):
     from kdlab.teachers import spec_key, teacher_spec
 
     keys = {
-        spec_key(teacher_spec(compose_config([f"experiment=cifar100/{name}", f"paths.output_dir={tmp_path}"])))
+        spec_key(
+            teacher_spec(compose_config([f"experiment=cifar100/{name}", f"paths.output_dir={tmp_path}"]))
+        )
         for name in ("resnet32x4_resnet8x4", "resnet32x4_shufflev2")
     }
     assert len(keys) == 1

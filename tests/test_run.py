@@ -172,3 +172,38 @@ def test_cli_bad_input_is_one_clear_error(args, message, tmp_path):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "teachers").exists() or not list((tmp_path / "teachers").glob("*/teacher.pt"))
+
+
+def test_every_scheme_runs_with_every_kind_of_knowledge_from_the_cli(tmp_path, fashion_mnist):
+    sweep = tmp_path / "sweep"
+    args = [o for o in cli_overrides(tmp_path, batches=2) if not o.startswith("hydra.run.dir")]
+    proc = run_cli(
+        [
+            "-m",
+            *args,
+            f"hydra.sweep.dir={sweep}",
+            "mode=offline,online,self",
+            "knowledge=response,feature,relation",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected_rows = {
+        "offline": {"teacher", "student"},
+        "online": {"teacher", "student", "ensemble"},
+        "self": {"student", "exit1", "exits_ensemble"},
+    }
+    seen = set()
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists()):
+        overrides = dict(
+            line[2:].strip().split("=", 1)
+            for line in (job / ".hydra" / "overrides.yaml").read_text().splitlines()
+            if line.startswith("- ") and line[2:].split("=")[0] in ("mode", "knowledge")
+        )
+        result = json.loads((job / "metrics.json").read_text())
+        rows = {row["model"]: row for row in result["models"]}
+        assert set(rows) == expected_rows[overrides["mode"]], overrides
+        assert all(0 <= row["test top-1"] <= 1 for row in rows.values()), overrides
+        seen.add((overrides["mode"], overrides["knowledge"]))
+    assert len(seen) == 9

@@ -6,7 +6,7 @@ list of them (`knowledge=[kd,at]`), and every scheme sums them with the task los
 
 from kdlab.knowledge.base import Knowledge
 from kdlab.knowledge.contrastive import CRD
-from kdlab.knowledge.feature import AT, NST, VID, CosineHint, FitNet
+from kdlab.knowledge.feature import AT, NST, VID, CosineHint, FeatureL2, FitNet
 from kdlab.knowledge.relation import CC, FSP, PKT, RKD, SP
 from kdlab.knowledge.response import DIST, DKD, KD
 
@@ -24,6 +24,7 @@ __all__ = [
     "SP",
     "VID",
     "CosineHint",
+    "FeatureL2",
     "FitNet",
     "Knowledge",
 ]

@@ -419,3 +419,40 @@ class VID(FeatureKnowledge):
         regressor = self.regressors[index]
         variance = regressor.variance().view(1, -1, 1, 1)
         return (0.5 * (variance.log() + (t - regressor.mean(s)).pow(2) / variance)).mean()
+
+
+# -------------------------------------------------------------------------- plain L2 hint
+class FeatureL2(FeatureKnowledge):
+    """The plain feature hint of Be Your Own Teacher (Zhang et al. 2019, Sec. 3.2): the squared
+    L2 distance between a student feature map and the source's map of the same shape,
+    || F_i - F_C ||_2^2, with no adapter.
+
+    BYOT's auxiliary exits already map each shallow stage to the deepest stage's shape, so no
+    regressor is needed (FitNets is the variant with one). Here the squared distance is averaged
+    over elements (MSE), so the weight does not depend on the map size. The BYOT recipe weighs it
+    0.03. Shapes must match exactly; otherwise use `fitnet`, which learns a regressor.
+    """
+
+    key = "l2"
+
+    def __init__(
+        self,
+        weight: float = 0.03,
+        task_weight: float = 1.0,
+        student_layers: str | Sequence[str] = ("last_stage",),
+        teacher_layers: str | Sequence[str] = ("last_stage",),
+        layer_reduction: str = "sum",
+    ):
+        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
+
+    def check_pair(self, index: int, s: Tensor, t: Tensor) -> None:
+        if s.shape != t.shape:
+            raise KdlabError(
+                f"FeatureL2 compares feature maps of equal shape, but the student's "
+                f"'{self.student_layers[index]}' is {_shape(s)} and the teacher's "
+                f"'{self.teacher_layers[index]}' {_shape(t)}. Use knowledge=fitnet, which learns a "
+                "regressor between different shapes, or pick layers of equal shape."
+            )
+
+    def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
+        return F.mse_loss(s, t)

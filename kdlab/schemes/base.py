@@ -45,10 +45,11 @@ def checked_knowledge(knowledge: Mapping[str, nn.Module] | None) -> dict[str, Kn
 
 
 def resolve_task_weight(task_weight: float | None, terms: list[Knowledge]) -> float:
-    """The cross-entropy weight: as set, else the recipe's of a lone term, else 1."""
+    """The cross-entropy weight: as set, else the terms' recipe value if they agree, else 1."""
     if task_weight is not None:
         return float(task_weight)
-    return terms[0].task_weight if len(terms) == 1 else 1.0
+    recipes = {term.task_weight for term in terms}
+    return recipes.pop() if len(recipes) == 1 else 1.0
 
 
 class Scheme(L.LightningModule):
@@ -60,8 +61,8 @@ class Scheme(L.LightningModule):
         knowledge: the configured `Knowledge` losses by name (a scheme may copy them per
             direction, e.g. one per pair of peers).
         scheduler: a partial LR scheduler, stepped every `scheduler_interval`.
-        task_weight: cross-entropy weight; null takes the recipe value of the only
-            knowledge term (e.g. 0.1 for KD), or 1.0 when there are several or none.
+        task_weight: cross-entropy weight; null takes the knowledge terms' recipe value when
+            they agree (e.g. 0.1 for KD alone, 0.7 for BYOT's pair), else 1.0.
         num_samples: the training split's index count, for losses with per-sample state.
     """
 
