@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.build import (
@@ -83,6 +84,11 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
     trainer.test(scheme, datamodule=datamodule, ckpt_path="best" if best else None)
     metrics.update(_floats(trainer.callback_metrics))
 
+    student_file = output_dir / "student.pt"  # loadable with student.checkpoint= or teacher.checkpoint=
+    torch.save(
+        {"state_dict": scheme.deployable().state_dict(), "architecture": cfg.student.name}, student_file
+    )
+
     architectures = {"student": cfg.student.name, "teacher": cfg.teacher.name}
     architectures.update({f"peer{i + 3}": name for i, name in enumerate(cfg.mode.get("extra_peers") or [])})
     if role == "generations":  # every generation has the student's architecture
@@ -96,6 +102,7 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
         "knowledge": list(scheme.templates),
         "teacher": record_dict(record),
         "checkpoint": best or None,
+        "student_weights": str(student_file),
         "models": rows,
         "metrics": metrics,
     }

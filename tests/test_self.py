@@ -124,3 +124,14 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1(tmp_path, fas
     # Interrupted or repeated: every generation comes back from the store.
     again = train(compose_config([*overrides, f"paths.output_dir={tmp_path / 'again'}"]))
     assert again["teacher"]["source"] == "store"
+
+
+def test_a_byot_run_saves_the_backbone_without_exits(tmp_path, fashion_mnist):
+    result = train(compose_config([*fast_overrides(tmp_path), "mode=self", "model@student=resnet8"]))
+    saved = torch.load(result["student_weights"], weights_only=True)
+    assert not any("exit" in key for key in saved["state_dict"])
+    model = create_model(
+        "resnet8", num_classes=10, in_channels=1, input_size=28, checkpoint=result["student_weights"]
+    )
+    assert {row["model"] for row in result["models"]} == {"student", "exit1", "exit2", "exits_ensemble"}
+    assert isinstance(model, torch.nn.Module)

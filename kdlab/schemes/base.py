@@ -107,6 +107,10 @@ class Scheme(L.LightningModule):
         """The models reported in the results table (trained ones, plus e.g. a frozen teacher)."""
         return self.trained_models()
 
+    def deployable(self) -> nn.Module:
+        """The trained student alone (no teacher, peers' partners or exits): what run.py saves."""
+        return self.trained_models()["student"]
+
     def knowledge_terms(self) -> list[Knowledge]:
         """Every live loss term registered under `self.knowledge`, however it is nested."""
         return [m for m in self.knowledge.modules() if isinstance(m, Knowledge)]

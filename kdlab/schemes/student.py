@@ -47,6 +47,9 @@ class StudentScheme(Scheme):
     def trained_models(self) -> dict[str, nn.Module]:
         return {self.model_name: self.student}
 
+    def deployable(self) -> nn.Module:
+        return self.student
+
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs | None:
         """The knowledge source for this batch (detached), or None when there is none."""
         return None
