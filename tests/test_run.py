@@ -162,7 +162,7 @@ def test_cli_cfg_job_prints_the_composed_config(tmp_path):
     [
         (["model@student=resnet9000"], "Could not find 'model/resnet9000'"),
         (["mode=sideways"], "Available options in 'mode'"),
-        (["knowledge.kd.temperature=0"], "temperature must be > 0"),
+        (["knowledge.kd.temperature=0"], "temperature must be a finite number > 0"),
         (["knowledge.kd.tempreature=2"], "tempreature"),
     ],
 )

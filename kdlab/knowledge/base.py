@@ -18,6 +18,31 @@ from kdlab.errors import KdlabError
 from kdlab.taps import Outputs
 
 
+def checked_number(
+    value: object,
+    key: str,
+    name: str,
+    example: object,
+    minimum: float = 0.0,
+    strict: bool = True,
+    why: str = "",
+) -> float:
+    """`value` as a float if it is a finite number above `minimum` (at least it, if not `strict`).
+
+    Otherwise a KdlabError naming the config key `knowledge.<key>.<name>` and an example value.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        reason = f" ({why})" if why else ""
+        raise KdlabError(
+            f"knowledge.{key}.{name}={value!r}: {name} must be a finite number {bound}{reason}. "
+            f"Set it to such a number, e.g. knowledge.{key}.{name}={example}."
+        )
+    return float(value)
+
+
 class Knowledge(nn.Module):
     """One transferable kind of knowledge, weighted in the scheme's loss sum.
 
@@ -38,14 +63,9 @@ class Knowledge(nn.Module):
         teacher_layers: tuple[str, ...] | list[str] = (),
     ):
         super().__init__()
-        for name, value in (("weight", weight), ("task_weight", task_weight)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise KdlabError(
-                    f"{type(self).__name__}: {name}={value!r} is not a finite number >= 0. "
-                    f"Set knowledge.<name>.{name} to a non-negative number."
-                )
-        self.weight = float(weight)
-        self.task_weight = float(task_weight)
+        key = type(self).__name__.lower()
+        self.weight = checked_number(weight, key, "weight", 1, strict=False)
+        self.task_weight = checked_number(task_weight, key, "task_weight", 1, strict=False)
         self.student_layers = tuple(student_layers)
         self.teacher_layers = tuple(teacher_layers)
         # Set by the scheme: the training split's index count (for per-sample state, e.g. memory

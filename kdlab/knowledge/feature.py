@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
+from kdlab.knowledge.base import checked_number
 from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.taps import Outputs
 
@@ -104,16 +105,6 @@ class FeatureKnowledge(LayerPairKnowledge):
                     f"{side}'s layer '{layer}' gives shape {_shape(x)}. Pick a convolutional layer for "
                     f"knowledge.{self.key}.{side}_layers instead (e.g. [stages], [last_stage] or stage2)."
                 )
-
-
-def _check_positive(value: float, name: str, key: str, hint: str, cls: str) -> float:
-    if not (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    ):
-        raise KdlabError(
-            f"{cls}: {name}={value!r} must be a finite number > 0. {hint} (knowledge.{key}.{name})."
-        )
-    return float(value)
 
 
 # ---------------------------------------------------------------------------------- FitNets
@@ -216,7 +207,7 @@ class AT(FeatureKnowledge):
         layer_reduction: str = "sum",
     ):
         super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
-        self.p = _check_positive(p, "p", self.key, "The paper uses p=2", "AT")
+        self.p = checked_number(p, self.key, "p", 2, why="the paper uses p=2")
 
     def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
         s, t = pool_to_common_size(s, t)
@@ -381,11 +372,9 @@ class VID(FeatureKnowledge):
         layer_reduction: str = "sum",
     ):
         super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
-        self.eps = _check_positive(
-            eps, "eps", self.key, "It keeps the variance positive; CRD uses 1e-5", "VID"
-        )
-        init_variance = _check_positive(
-            init_variance, "init_variance", self.key, "The reference code starts at 5", "VID"
+        self.eps = checked_number(eps, self.key, "eps", "1e-5", why="it keeps the variance positive")
+        init_variance = checked_number(
+            init_variance, self.key, "init_variance", 5, why="the reference starts at 5"
         )
         if init_variance <= self.eps:
             raise KdlabError(

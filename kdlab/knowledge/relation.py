@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
+from kdlab.knowledge.base import checked_number
 from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.taps import Outputs
 
@@ -28,18 +29,6 @@ Layers = tuple[str, ...] | list[str]
 
 def _full_precision(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _check_number(loss: str, name: str, value: object, minimum: float, strict: bool, example: str) -> float:
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise KdlabError(
-            f"{loss.upper()}: {name}={value!r} is not a finite number {bound}. "
-            f"Set knowledge.{loss}.{name} to such a number, e.g. knowledge.{loss}.{name}={example}."
-        )
-    return float(value)
 
 
 class _LayerPairs(LayerPairKnowledge):
@@ -95,9 +84,9 @@ class RKD(_LayerPairs):
         teacher_layers: Layers = ("embedding",),
     ):
         super().__init__(weight, task_weight, student_layers, teacher_layers)
-        self.distance_weight = _check_number("rkd", "distance_weight", distance_weight, 0, False, 25)
-        self.angle_weight = _check_number("rkd", "angle_weight", angle_weight, 0, False, 50)
-        self.eps = _check_number("rkd", "eps", eps, 0, True, "1e-12")
+        self.distance_weight = checked_number(distance_weight, "rkd", "distance_weight", 25, strict=False)
+        self.angle_weight = checked_number(angle_weight, "rkd", "angle_weight", 50, strict=False)
+        self.eps = checked_number(eps, "rkd", "eps", "1e-12", strict=True)
 
     def geometry(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(psi_D: b x b normalised distances, psi_A: b x b x b cosines, [j, i, k] = angle at x_j)."""
@@ -190,7 +179,7 @@ class PKT(_LayerPairs):
         teacher_layers: Layers = ("embedding",),
     ):
         super().__init__(weight, task_weight, student_layers, teacher_layers)
-        self.eps = _check_number("pkt", "eps", eps, 0, True, "1e-7")
+        self.eps = checked_number(eps, "pkt", "eps", "1e-7", strict=True)
 
     def probabilities(self, x: Tensor) -> Tensor:
         """P: the b x b row-stochastic matrix of shifted cosine similarities."""
@@ -239,7 +228,7 @@ class CC(_LayerPairs):
         teacher_layers: Layers = ("embedding",),
     ):
         super().__init__(weight, task_weight, student_layers, teacher_layers)
-        self.gamma = _check_number("cc", "gamma", gamma, 0, True, 0.4)
+        self.gamma = checked_number(gamma, "cc", "gamma", 0.4, strict=True)
         for name, value, minimum, meaning, example in (
             ("order", order, 0, "the number of Taylor terms after the constant", 2),
             ("embed_dim", embed_dim, 1, "the width both embeddings map to", 128),

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.errors import KdlabError
-from kdlab.knowledge.base import Knowledge
+from kdlab.knowledge.base import Knowledge, checked_number
 from kdlab.taps import Outputs
 
 
@@ -25,8 +24,7 @@ class KD(Knowledge):
 
     def __init__(self, temperature: float = 4.0, weight: float = 0.9, task_weight: float = 0.1):
         super().__init__(weight=weight, task_weight=task_weight)
-        check_temperature(temperature, "kd")
-        self.temperature = float(temperature)
+        self.temperature = checked_number(temperature, "kd", "temperature", 4, why="it divides the logits")
 
     def soft_targets(self, logits: Tensor) -> Tensor:
         """softmax(logits / T): the teacher's soft targets at this temperature."""
@@ -60,8 +58,8 @@ class DKD(Knowledge):
         task_weight: float = 1.0,
     ):
         super().__init__(weight=weight, task_weight=task_weight)
-        check_temperature(temperature, "dkd")
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.temperature = checked_number(temperature, "dkd", "temperature", 4, why="it divides the logits")
+        self.alpha, self.beta = float(alpha), float(beta)
         self.warmup_epochs = int(warmup_epochs)
 
     def warmup_factor(self) -> float:
@@ -106,8 +104,8 @@ class DIST(Knowledge):
         task_weight: float = 1.0,
     ):
         super().__init__(weight=weight, task_weight=task_weight)
-        check_temperature(temperature, "dist")
-        self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
+        self.temperature = checked_number(temperature, "dist", "temperature", 1, why="it divides the logits")
+        self.beta, self.gamma = float(beta), float(gamma)
 
     def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
         y_s = F.softmax(student.logits / self.temperature, dim=1)
@@ -122,11 +120,3 @@ def pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
     a = a - a.mean(dim=dim, keepdim=True)
     b = b - b.mean(dim=dim, keepdim=True)
     return F.cosine_similarity(a, b, dim=dim, eps=eps)
-
-
-def check_temperature(temperature: float, name: str) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise KdlabError(
-            f"{name.upper()} temperature must be > 0, got {temperature!r}: it divides the logits. "
-            f"Use e.g. knowledge.{name}.temperature=4 (the CIFAR recipe) or 1 (plain softmax)."
-        )
