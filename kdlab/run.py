@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.build import (
@@ -29,6 +30,18 @@ from kdlab.build import (
 from kdlab.errors import KdlabError
 from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.report import format_table, log_table, model_rows, write_metrics
+from kdlab.resume import (
+    EpochSeed,
+    ResumePoint,
+    RunRecord,
+    check_teacher,
+    continue_csv_logs,
+    logger_config,
+    preempted,
+    resume_point,
+    teacher_identity,
+)
+from kdlab.sweeps import run_or_record_failure
 from kdlab.teachers import obtain_generations, obtain_teacher, record_dict
 
 log = logging.getLogger(__name__)
@@ -36,20 +49,30 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """One run from a composed config; returns the results that go to metrics.json."""
+    """One run from a composed config; returns the results that go to metrics.json.
+
+    With `ckpt_path` set, the run resumes (in place) or starts from a checkpoint: see kdlab.resume.
+    """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    loggers = build_loggers(cfg)
+    # Resolved before the loggers exist: a run resumed in place continues its W&B run and CSV file.
+    start = resume_point(cfg, output_dir)
+    loggers = build_loggers(logger_config(cfg, start))
     failed = True
     try:
-        results = _train(cfg, loggers, output_dir)
+        continue_csv_logs(loggers, start)
+        results = _train(cfg, loggers, output_dir, start)
         failed = False
         return results
+    except SIGTERMException:  # Lightning stopped the fit at a batch boundary; the state is saved
+        raise preempted(cfg, output_dir) from None
     finally:
         finish_loggers(loggers, failed=failed)
 
 
-def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig, loggers: list, output_dir: Path, start: ResumePoint | None = None
+) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     knowledge = build_knowledge(cfg)  # before any teacher training: bad options fail fast
@@ -71,23 +94,33 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
             cfg.mode._target_.rsplit(".", 1)[-1],
             list(cfg.knowledge),
         )
+    # The frozen teacher's identity goes into every checkpoint; a resume must use the same one.
+    teacher = None
+    if record is not None:
+        architecture = cfg.student.name if role == "generations" else cfg.teacher.name
+        teacher = teacher_identity(record, sources["teacher"], architecture)
+    check_teacher(start, teacher)
     scheme = build_scheme(cfg, datamodule, knowledge, **sources)
-    trainer = build_trainer(cfg, logger=loggers, callbacks=build_callbacks(cfg))
+    # Seeding per epoch and the run record are part of every run, whatever `callbacks=` holds.
+    callbacks = [*build_callbacks(cfg), EpochSeed(cfg.seed), RunRecord(teacher)]
+    trainer = build_trainer(cfg, logger=loggers, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(
             {**OmegaConf.to_container(cfg, resolve=True), "teacher_used": record_dict(record)}
         )
 
-    trainer.fit(scheme, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(scheme, datamodule=datamodule, ckpt_path=start.checkpoint if start else None)
     metrics = _floats(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-    trainer.test(scheme, datamodule=datamodule, ckpt_path="best" if best else None)
+    # By path: "best" would make Lightning warn that more than one ModelCheckpoint is configured.
+    trainer.test(scheme, datamodule=datamodule, ckpt_path=best or None)
     metrics.update(_floats(trainer.callback_metrics))
 
     student_file = output_dir / "student.pt"  # loadable with student.checkpoint= or teacher.checkpoint=
-    torch.save(
-        {"state_dict": scheme.deployable().state_dict(), "architecture": cfg.student.name}, student_file
-    )
+    if trainer.is_global_zero:  # under DDP every rank gets here; one writes the outputs
+        torch.save(
+            {"state_dict": scheme.deployable().state_dict(), "architecture": cfg.student.name}, student_file
+        )
 
     architectures = {"student": cfg.student.name, "teacher": cfg.teacher.name}
     architectures.update({f"peer{i + 3}": name for i, name in enumerate(cfg.mode.get("extra_peers") or [])})
@@ -108,9 +141,12 @@ def _train(cfg: DictConfig, loggers: list, output_dir: Path) -> dict[str, Any]:
     }
     name = cfg.get("optimized_metric")
     results["optimized_metric"] = {"name": name, "value": _finite(metrics.get(name))}
-    write_metrics(output_dir / "metrics.json", results)
-    log_table(loggers, rows)
-    print(f"\n{format_table(rows)}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}")
+    if trainer.is_global_zero:
+        write_metrics(output_dir / "metrics.json", results)
+        log_table(loggers, rows)
+        print(
+            f"\n{format_table(rows)}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
+        )
     if name and name not in metrics:  # checked last, so the run's results are written first
         raise KdlabError(
             f"optimized_metric={name!r} was not logged by this run, so a sweep has nothing to "
@@ -130,7 +166,8 @@ def _finite(value: float | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="run")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)["optimized_metric"]["value"]
+    # In a multirun, one failing job must not cost the other jobs' results (see kdlab.sweeps).
+    return run_or_record_failure(lambda: train(cfg)["optimized_metric"]["value"])
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ TRAINING_ARGS = (
     "gradient_clip_algorithm",
     "deterministic",
 )
+# A teacher is trained by one process on one device, so its weights do not depend on the run's
+# device count (which is not in the key), and under DDP, where every rank asks the store, one
+# rank trains while the others wait on the lock: a DDP teacher would wait for ranks that are
+# themselves waiting on that lock. `teacher_training.trainer.*` still overrides these.
+SINGLE_PROCESS = {"strategy": "auto", "devices": 1, "num_nodes": 1, "sync_batchnorm": False}
 # Data arguments that say where the data is or how fast it loads, not what it is.
 DATA_LOCATION_ARGS = ("root", "num_workers", "pin_memory", "download", "download_dir")
 
@@ -159,12 +164,15 @@ def train_teacher(
         )
     trainer = build_trainer(
         cfg,
-        cfg.teacher_training.trainer,
+        OmegaConf.merge(SINGLE_PROCESS, cfg.teacher_training.trainer),
         logger=CSVLogger(entry, name="train_log", version=""),
         callbacks=[],
         enable_checkpointing=False,
     )
     trainer.fit(scheme, datamodule=datamodule)
+    # The run reuses this datamodule; under ddp_spawn its Trainer pickles it for the workers, and
+    # it must not carry this Trainer along (with the teacher's training state, graph included).
+    datamodule.trainer = None
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     return model.state_dict(), metrics
 

@@ -2,17 +2,20 @@
 
 Subclasses say where samples come from (`load_split`) and what the dataset's usual
 augmentation is; everything the rest of kdlab relies on — the batch dict, the seeded
-train/val split, eval transforms on val, the loader settings — is decided once here.
+train/val split, eval transforms on val, the loader settings, a training order that is a
+function of (seed, epoch) — is decided once here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import ClassVar
 
+import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from kdlab.data.datasets import IndexedDataset
 from kdlab.data.split import resolve_val_count, split_indices
@@ -20,6 +23,36 @@ from kdlab.data.transforms import as_transform_list, build_pipeline
 from kdlab.errors import KdlabError
 
 _SHAPE_ARGS = ("num_classes", "in_channels", "input_size")
+
+
+class EpochShuffle(RandomSampler):
+    """A random order that is a function of (seed, epoch), like DistributedSampler's.
+
+    Lightning calls `set_epoch` before every training epoch. Epoch k's order then does not depend
+    on how many epochs this process ran before, so a run resumed at epoch k draws the same
+    batches as an uninterrupted one. Under DDP, Lightning replaces this RandomSampler with a
+    DistributedSampler seeded the same way, from PL_GLOBAL_SEED and the epoch.
+    """
+
+    def __init__(self, data_source: Sized, seed: int, epoch: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        # The trailing 1 keeps this stream apart from EpochSeed's (kdlab.resume), seeded from (seed, epoch).
+        seed = np.random.SeedSequence([self.seed, self.epoch, 1]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+
+
+def run_seed() -> int:
+    """The seed `seed_everything` set for this process, which Lightning keeps in PL_GLOBAL_SEED."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    # Unseeded, torch's own initial seed keeps the order random, as a plain RandomSampler's is.
+    return int(seed) if seed is not None else torch.initial_seed()
 
 
 class ImageClassificationDataModule(LightningDataModule):
@@ -151,15 +184,31 @@ class ImageClassificationDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, stage: str, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call {type(self).__name__}.setup({stage!r}) before asking for its loader")
+        sampler, generator = None, None
+        if shuffle:
+            seed = run_seed()
+            sampler = EpochShuffle(dataset, seed, self._fit_epoch())
+            # The loader draws its workers' base seed from this, not from the global RNG, whose
+            # stream belongs to the training step (see kdlab.resume.EpochSeed).
+            generator = torch.Generator().manual_seed(seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             # Re-forking workers every epoch costs more than keeping them for small datasets.
             persistent_workers=self.num_workers > 0,
         )
+
+    def _fit_epoch(self) -> int:
+        """The epoch Lightning will hand the train sampler first: 0, or where a resumed fit restarts.
+
+        Loader workers fetch indices as soon as the loader is iterated, which for a fit's first
+        epoch happens before Lightning's first `set_epoch`, so the sampler must start there.
+        """
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def _resolve_shape_arg(self, arg: str, value: int | None) -> int:
         fact = self.facts.get(arg)

@@ -3,7 +3,8 @@
 The teacher is never optimised and never leaves eval mode: its parameters take no
 gradient, it is not in the optimizer, `train()` cannot switch it back, and its forward
 pass runs under `no_grad`. On the test set the scheme also reports how well the student
-mimics the teacher: top-1 agreement and the mean KL(teacher || student) at T=1.
+mimics the teacher: top-1 agreement and the mean KL(teacher || student) at T=1. Agreement is
+also tracked every validation epoch (`val/student/agreement`), so it can be followed over training.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Offline(StudentScheme):
         self.teacher_tap = self.tap(teacher, "teacher", "teacher")
         self.add_metrics("teacher", validate=False)
         self.agreement = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.val_agreement = MulticlassAccuracy(self.num_classes, top_k=1)
         self.mean_kl = MeanMetric()
         self.prepare()
 
@@ -46,6 +48,14 @@ class Offline(StudentScheme):
     @torch.no_grad()
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs:
         return self.teacher_tap(x)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        logits = super().validation_step(batch, batch_idx)
+        # The cost of this metric: one extra teacher forward per validation batch (no backward).
+        teacher = self.teacher(batch["input"])
+        self.val_agreement.update(logits[self.model_name], teacher.argmax(dim=1))
+        self.log("val/student/agreement", self.val_agreement, on_epoch=True)
+        return logits
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         logits = super().test_step(batch, batch_idx)

@@ -1,0 +1,172 @@
+"""The results table of a sweep: one row per configuration, mean ± std over its seeds.
+
+    python scripts/summarize.py multirun/2025-01-01/12-00-00-000000 [--out PREFIX]
+
+Reads every run's `metrics.json` below the directory, and the overrides its job was started
+with (`.hydra/overrides.yaml`). A configuration is the set of overrides that differ between
+the runs, leaving out the seed and settings that only change where or how a run reports.
+Each row gives the student's test top-1 and its agreement with the teacher as mean ± sample
+standard deviation over the configuration's runs, and n. Runs with `mode=baseline` form
+their own labelled rows: the student alone, the reference a distillation table is read
+against. The table is printed and written to PREFIX.md and PREFIX.csv (default: DIR/summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from kdlab.errors import KdlabError
+from kdlab.sweeps import FAILED_FILE, METRICS_FILE, override_dict, read_overrides, varying_keys
+
+# Overrides that say which repeat a run is, or where and how it reports: never what is compared.
+NOT_COMPARED = (
+    "seed",
+    "paths.",
+    "hydra.",
+    "hydra/",
+    "logger",
+    "hparams_search",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
+# Shown in the method column instead (the scheme and the knowledge terms a run really used).
+IN_METHOD = ("mode", "knowledge")
+# A baseline trains with cross-entropy alone, so the distillation settings do not apply to it.
+NOT_FOR_BASELINE = ("knowledge", "mode.")
+BASELINE = "baseline (student alone)"
+NOT_APPLICABLE = "-"
+DEFAULT = "default"
+MEASURES = {"student top-1": "test/student/top1", "agreement": "test/student/agreement"}
+
+
+def collect(root: Path) -> tuple[list[dict], list[Path]]:
+    """Every finished run below root, as {method, overrides, metrics}; and the failed jobs' directories."""
+    if not root.is_dir():
+        raise KdlabError(
+            f"{root} is not a directory. Pass a run or sweep directory (outputs/... or multirun/...)."
+        )
+    # A metrics.json beside a failed.json is from a job that failed after writing it, or an earlier attempt.
+    failed = sorted(path.parent for path in root.rglob(FAILED_FILE))
+    runs = []
+    for path in sorted(root.rglob(METRICS_FILE)):
+        if path.parent in failed:
+            continue
+        results = json.loads(path.read_text())
+        runs.append(
+            {
+                "method": _method(results),
+                "overrides": override_dict(read_overrides(path.parent)),
+                "metrics": results.get("metrics", {}),
+            }
+        )
+    if not runs:
+        raise KdlabError(
+            f"No {METRICS_FILE} below {root}: no run in it has finished. Pass the directory of a sweep "
+            f"(multirun/<date>/<time>) or of runs (outputs/) whose jobs have completed."
+        )
+    return runs, failed
+
+
+def _method(results: dict) -> str:
+    if results.get("mode") == "baseline":
+        return BASELINE
+    return f"{results.get('mode')} {'+'.join(results.get('knowledge') or [])}".strip()
+
+
+def setting_keys(runs: list[dict]) -> list[str]:
+    """The override keys that tell the configurations apart: the columns of the table."""
+    varying = varying_keys([run["overrides"] for run in runs])
+    return [key for key in varying if not key.startswith(NOT_COMPARED) and key not in IN_METHOD]
+
+
+def table(runs: list[dict], keys: list[str]) -> list[dict]:
+    """One row per (method, settings): mean, sample std and n of each measure, baselines first."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        baseline = run["method"] == BASELINE
+        settings = tuple(
+            NOT_APPLICABLE
+            if baseline and key.startswith(NOT_FOR_BASELINE)
+            else run["overrides"].get(key, DEFAULT)
+            for key in keys
+        )
+        groups.setdefault((run["method"], settings), []).append(run)
+    rows = []
+    for (method, settings), members in sorted(groups.items(), key=_row_order):
+        row = {"method": method, **dict(zip(keys, settings, strict=True)), "n": len(members)}
+        for name, metric in MEASURES.items():
+            values = [run["metrics"][metric] for run in members if run["metrics"].get(metric) is not None]
+            row[f"{name} mean"] = statistics.mean(values) if values else None
+            row[f"{name} std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def _row_order(item: tuple) -> tuple:
+    (method, settings), _ = item
+    # Baselines first, then by method and by each setting, numbers in numeric order.
+    return (method != BASELINE, method, [_number_first(value) for value in settings])
+
+
+def _number_first(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def markdown(rows: list[dict], keys: list[str]) -> str:
+    header = ["method", *keys, *MEASURES, "n"]
+    cells = [
+        [row["method"], *(row[key] for key in keys), *(_mean_std(row, m) for m in MEASURES), str(row["n"])]
+        for row in rows
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _mean_std(row: dict, measure: str) -> str:
+    mean, std = row[f"{measure} mean"], row[f"{measure} std"]
+    if mean is None:
+        return NOT_APPLICABLE
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def write_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
+    fields = ["method", *keys, *(f"{m} {s}" for m in MEASURES for s in ("mean", "std")), "n"]
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)  # None is written as an empty cell
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="a sweep directory (multirun/...) or a directory of runs")
+    parser.add_argument("--out", type=Path, help="output prefix for .md and .csv (default: DIR/summary)")
+    args = parser.parse_args(argv)
+    try:
+        runs, failed = collect(args.dir)
+    except KdlabError as error:
+        parser.error(str(error))
+    for job in failed:
+        print(f"Not in the table: {job} failed (see its {FAILED_FILE}).", file=sys.stderr)
+    keys = setting_keys(runs)
+    rows = table(runs, keys)
+    prefix = args.out or args.dir / "summary"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows, keys)
+    Path(f"{prefix}.md").write_text(text + "\n")
+    write_csv(Path(f"{prefix}.csv"), rows, keys)
+    print(f"{text}\n\n{len(runs)} runs in {len(rows)} rows. Written: {prefix}.md, {prefix}.csv")
+
+
+if __name__ == "__main__":
+    main()

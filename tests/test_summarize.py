@@ -1,0 +1,150 @@
+"""scripts/summarize.py on a hand-made sweep directory: the rows, means and sample stds over seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "summarize.py"
+# (mode, temperature, seed) -> (student test top-1, agreement); a grid sweep as Hydra runs it.
+RESULTS = {
+    ("offline", "2", "1"): (0.80, 0.90),
+    ("offline", "2", "2"): (0.82, 0.94),
+    ("offline", "10", "1"): (0.70, 0.80),
+    ("offline", "10", "2"): (0.76, 0.84),
+    ("baseline", "2", "1"): (0.75, None),
+    ("baseline", "2", "2"): (0.77, None),
+    ("baseline", "10", "1"): (0.73, None),
+    ("baseline", "10", "2"): (0.79, None),
+}
+
+
+def _job(job_dir, overrides, results=None, failed=False):
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        (job_dir / "metrics.json").write_text(json.dumps(results))
+    if failed:
+        (job_dir / "failed.json").write_text(json.dumps({"error": "KdlabError", "message": "no"}))
+
+
+@pytest.fixture()
+def sweep(tmp_path):
+    """Eight finished jobs (2 modes x 2 temperatures x 2 seeds) and one that failed after writing metrics."""
+    root = tmp_path / "sweep"
+    for num, ((mode, temperature, seed), (top1, agreement)) in enumerate(RESULTS.items()):
+        metrics = {"test/student/top1": top1, "val/student/top1": 0.5}
+        if agreement is not None:
+            metrics["test/student/agreement"] = agreement
+        _job(
+            root / str(num),
+            # paths.* and hydra.* differ per job and the seed varies: none of them makes a configuration.
+            [
+                f"paths.teacher_store=/s/{num}",
+                f"hydra.run.dir=/r/{num}",
+                "trainer.max_epochs=1",
+                f"mode={mode}",
+                f"knowledge.kd.temperature={temperature}",
+                f"seed={seed}",
+            ],
+            {"mode": mode, "knowledge": ["kd"] if mode == "offline" else [], "metrics": metrics},
+        )
+    _job(
+        root / "8",
+        ["mode=offline", "knowledge.kd.temperature=3", "seed=1"],
+        {"mode": "offline", "knowledge": ["kd"], "metrics": {"test/student/top1": 0.1}},
+        failed=True,
+    )
+    return root
+
+
+def _summarize(*args):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=60
+    )
+
+
+def _expected(mode, temperature=None):
+    runs = [v for (m, t, _), v in RESULTS.items() if m == mode and temperature in (None, t)]
+    top1 = [top1 for top1, _ in runs]
+    return statistics.mean(top1), statistics.stdev(top1), len(runs)
+
+
+def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
+    proc = _summarize(sweep)
+    assert proc.returncode == 0, proc.stderr
+    with (sweep / "summary.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    # The baseline is one labelled row: the temperature does not apply to it, so its 4 runs pool.
+    # Then one row per temperature, in numeric order (2 before 10); the failed job is left out.
+    assert [(r["method"], r["knowledge.kd.temperature"], r["n"]) for r in rows] == [
+        ("baseline (student alone)", "-", "4"),
+        ("offline kd", "2", "2"),
+        ("offline kd", "10", "2"),
+    ]
+    assert list(rows[0]) == [
+        "method", "knowledge.kd.temperature", "student top-1 mean", "student top-1 std",
+        "agreement mean", "agreement std", "n",
+    ]  # fmt: skip
+    for row, (mode, temperature) in zip(
+        rows, [("baseline", None), ("offline", "2"), ("offline", "10")], strict=True
+    ):
+        mean, std, n = _expected(mode, temperature)
+        assert float(row["student top-1 mean"]) == pytest.approx(mean)
+        assert float(row["student top-1 std"]) == pytest.approx(std)
+    # By hand: T=2 agreement 0.90, 0.94 -> 0.92 ± 0.0283; T=10 top-1 0.70, 0.76 -> 0.73 ± 0.0424.
+    assert float(rows[1]["agreement mean"]) == pytest.approx(0.92)
+    assert float(rows[1]["agreement std"]) == pytest.approx(0.0282843, abs=1e-6)
+    assert float(rows[2]["student top-1 std"]) == pytest.approx(0.0424264, abs=1e-6)
+    assert rows[0]["agreement mean"] == rows[0]["agreement std"] == ""  # no teacher, no agreement
+
+    table = (sweep / "summary.md").read_text()
+    assert table.strip() in proc.stdout
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
+    assert cells[0] == ["method", "knowledge.kd.temperature", "student top-1", "agreement", "n"]
+    assert cells[2:] == [
+        ["baseline (student alone)", "-", "0.7600 ± 0.0258", "-", "4"],
+        ["offline kd", "2", "0.8100 ± 0.0141", "0.9200 ± 0.0283", "2"],
+        ["offline kd", "10", "0.7300 ± 0.0424", "0.8200 ± 0.0283", "2"],
+    ]
+    assert "seed" not in table and "paths." not in table and "hydra." not in table
+    assert f"{sweep / '8'} failed" in proc.stderr
+
+
+def test_out_prefix_chooses_where_both_files_go(sweep, tmp_path):
+    proc = _summarize(sweep, "--out", tmp_path / "tables" / "kd")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "tables" / "kd.md").read_text().startswith("| method")
+    assert (tmp_path / "tables" / "kd.csv").read_text().startswith("method,")
+    assert not (sweep / "summary.md").exists()
+
+
+def test_one_configuration_over_seeds_has_no_setting_columns(tmp_path):
+    for seed, top1 in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        _job(
+            tmp_path / "runs" / str(seed),
+            [f"seed={seed}"],
+            {"mode": "online", "knowledge": ["dml"], "metrics": {"test/student/top1": top1}},
+        )
+    proc = _summarize(tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "runs" / "summary.csv").open()))
+    assert [(r["method"], r["n"]) for r in rows] == [("online dml", "3")]
+    assert float(rows[0]["student top-1 mean"]) == pytest.approx(0.7)
+    assert float(rows[0]["student top-1 std"]) == pytest.approx(0.1)
+
+
+def test_a_directory_without_results_is_a_clear_error(tmp_path):
+    _job(tmp_path / "sweep" / "0", ["seed=1"], failed=True)
+    proc = _summarize(tmp_path / "sweep")
+    assert proc.returncode != 0
+    assert "No metrics.json below" in proc.stderr and str(tmp_path / "sweep") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep" / "summary.md").exists()
