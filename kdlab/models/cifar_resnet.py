@@ -17,6 +17,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.models.registry import register_model
+from kdlab.models.weight_init import he_fan_out_init
 
 # Stem width, then the widths of layer1..layer3.
 _PLAIN_WIDTHS = (16, 16, 32, 64)
@@ -91,13 +92,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        # He init for ReLU nets (fan_out, as in RepDistiller); BN starts as the identity map.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_fan_out_init(self)  # the CIFAR backbones' scheme: He fan-out convs, identity BatchNorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
+from kdlab.models.weight_init import he_fan_out_init
 from kdlab.taps import FeatureTap, expand_layers
 
 # Narrowest middle (3x3) width of a bottleneck step, unless the step's own ends are narrower.
@@ -136,13 +137,7 @@ class Exit(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Same scheme as the CIFAR backbones: He init for ReLU nets, BN starting as the identity.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_fan_out_init(self)  # the CIFAR backbones' scheme: He fan-out convs, identity BatchNorm
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feature_map = self.bottleneck(x)
