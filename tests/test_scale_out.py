@@ -275,10 +275,12 @@ def test_slurm_tasks_started_at_once_train_the_teacher_once(tmp_path, fashion_mn
     assert both.count("No stored teacher") == 1
     assert both.count("Teacher deepnn: trained") == 1 and both.count("Teacher deepnn: store") == 1
     [entry] = [p for p in (tmp_path / "teachers").iterdir() if p.is_dir()]
-    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "teacher.pt", "train_log"]
+    # Whole files only; the training log exists when rank 0 won the lock (loggers write on rank 0).
+    names = {p.name for p in entry.iterdir()}
+    assert {"meta.json", "teacher.pt"} <= names <= {"meta.json", "teacher.pt", "train_log"}
     assert torch.load(entry / "teacher.pt", weights_only=True)["state_dict"]
 
-    # Every task prints the results table from its own, synchronised, metrics: they agree.
+    # Rank 0 alone writes the outputs and prints the results table.
     tables = [[line for line in out.splitlines() if line.startswith("| student")] for out in outputs]
-    assert tables[0] and tables[0] == tables[1]
+    assert sorted(len(table) for table in tables) == [0, 1]
     assert (tmp_path / "run" / "metrics.json").is_file()
