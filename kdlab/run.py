@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from kdlab.allocator import tune_malloc
 from kdlab.build import (
     build_callbacks,
     build_knowledge,
@@ -42,6 +43,7 @@ from kdlab.resume import (
     teacher_identity,
 )
 from kdlab.sweeps import run_or_record_failure
+from kdlab.teacher_cache import cache_callback
 from kdlab.teachers import obtain_generations, obtain_teacher, record_dict
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     With `ckpt_path` set, the run resumes (in place) or starts from a checkpoint: see kdlab.resume.
     """
+    if cfg.get("tune_malloc"):
+        tune_malloc()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Resolved before the loggers exist: a run resumed in place continues its W&B run and CSV file.
@@ -95,14 +99,15 @@ def _train(
             list(cfg.knowledge),
         )
     # The frozen teacher's identity goes into every checkpoint; a resume must use the same one.
-    teacher = None
+    teacher, architecture = None, cfg.student if role == "generations" else cfg.teacher
     if record is not None:
-        architecture = cfg.student.name if role == "generations" else cfg.teacher.name
-        teacher = teacher_identity(record, sources["teacher"], architecture)
+        teacher = teacher_identity(record, sources["teacher"], architecture.name)
     check_teacher(start, teacher)
     scheme = build_scheme(cfg, datamodule, knowledge, **sources)
     # Seeding per epoch and the run record are part of every run, whatever `callbacks=` holds.
     callbacks = [*build_callbacks(cfg), EpochSeed(cfg.seed), RunRecord(teacher)]
+    if record is not None:  # a frozen teacher: its outputs may come from the cache
+        callbacks += filter(None, [cache_callback(cfg, scheme, datamodule, teacher["sha256"], architecture)])
     trainer = build_trainer(cfg, logger=loggers, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(

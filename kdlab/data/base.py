@@ -8,6 +8,7 @@ function of (seed, epoch) — is decided once here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import ClassVar
@@ -17,7 +18,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from kdlab.data.datasets import IndexedDataset
+from kdlab.data.datasets import IndexedDataset, TensorBatchDataset, collate
 from kdlab.data.split import resolve_val_count, split_indices
 from kdlab.data.transforms import as_transform_list, build_pipeline
 from kdlab.errors import KdlabError
@@ -161,14 +162,14 @@ class ImageClassificationDataModule(LightningDataModule):
             val_count = resolve_val_count(self.val_size, len(targets))
             train_idx, val_idx = split_indices(len(targets), val_count, self.split_seed)
             # Two views of the same samples: augmented for train, eval-transformed for val.
-            train_view = IndexedDataset(samples, targets, self.train_transform)
-            val_view = IndexedDataset(samples, targets, self.eval_transform)
+            train_view = self._view(samples, targets, self.train_transform, self.train_transform_is_random)
+            val_view = self._view(samples, targets, self.eval_transform, random=False)
             self.train_set = Subset(train_view, train_idx.tolist())
             self.val_set = Subset(val_view, val_idx.tolist())
         if stage in (None, "test") and self.test_set is None:
             samples, targets = self.load_split(train=False)
             self._check_labels(targets, "test")
-            self.test_set = IndexedDataset(samples, targets, self.eval_transform)
+            self.test_set = self._view(samples, targets, self.eval_transform, random=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, "fit", shuffle=True)
@@ -179,7 +180,40 @@ class ImageClassificationDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", shuffle=False)
 
+    @property
+    def train_transform_is_random(self) -> bool:
+        """Whether a training sample looks different every epoch (any augmentation counts as random)."""
+        return bool(self.augmentation)
+
+    def fingerprint(self) -> str:
+        """A hash of the training split's content: its samples (see `sample_digest`) and labels.
+
+        Caches computed from the training data (the teacher-output cache) are keyed on it, so they
+        are rebuilt when the files change, not only when the config does.
+        """
+        if self.train_set is None:
+            self.prepare_data()
+            self.setup("fit")
+        view = self.train_set.dataset
+        digest = hashlib.sha256()
+        self.sample_digest(view.base, digest)
+        digest.update(view.targets.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def sample_digest(self, samples: Dataset, digest: hashlib._Hash) -> None:
+        """Feed what identifies the training samples into `digest` (subclasses: their pixels or files)."""
+        raise NotImplementedError
+
     # -- helpers ----------------------------------------------------------------------------
+
+    def _view(
+        self, samples: Dataset, targets: torch.Tensor, transform: Callable, random: bool
+    ) -> IndexedDataset:
+        """Samples with their index; batches are fetched with one tensor index where that is exact."""
+        images = getattr(samples, "tensors", (None,))[0]  # an in-memory TensorDataset
+        if images is not None and not random:
+            return TensorBatchDataset(images, targets, transform)
+        return IndexedDataset(samples, targets, transform)
 
     def _loader(self, dataset: Dataset | None, stage: str, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -198,6 +232,7 @@ class ImageClassificationDataModule(LightningDataModule):
             generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            collate_fn=collate,
             # Re-forking workers every epoch costs more than keeping them for small datasets.
             persistent_workers=self.num_workers > 0,
         )

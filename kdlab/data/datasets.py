@@ -1,18 +1,24 @@
-"""A dataset wrapper whose items carry their own index, the batch format all of kdlab uses.
+"""Datasets whose items carry their own index, the batch format all of kdlab uses.
 
 Items are dicts {"input", "target", "index"}. `index` is the position in the wrapped
 split, so a `Subset` of this wrapper (the train/val halves of a split) still reports the
-index into the full training set, which per-sample caches (e.g. stored teacher logits)
-key on.
+index into the full training set, which per-sample state (CRD's bank, the teacher-output
+cache) keys on.
+
+`TensorBatchDataset` is the fast path for data held in memory as one uint8 tensor with a
+deterministic transform: the DataLoader fetches a whole batch with one tensor index
+(`__getitems__`) and transforms it at once, instead of running the transform per sample
+and collating. At the student's step rate once the teacher is cached (thousands of small
+images a second on a CPU) the per-sample path would be a large part of every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 
 class IndexedDataset(Dataset):
@@ -34,3 +40,28 @@ class IndexedDataset(Dataset):
             image = self.transform(image)
         # Plain ints collate to int64 tensors, which is the dtype the contract promises.
         return {"input": image, "target": int(self.targets[index]), "index": int(index)}
+
+
+class TensorBatchDataset(IndexedDataset):
+    """Images in one [N,C,H,W] tensor and a transform that draws nothing at random.
+
+    The transform is applied to whole batches ([B,C,H,W]); torchvision's v2 transforms treat the
+    leading axis as a batch, which gives the same result as per sample only because nothing in
+    it is random (a random crop would crop every image of the batch alike). Callers check that.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform: Callable | None = None):
+        super().__init__(torch.utils.data.TensorDataset(images, targets), targets, transform)
+        self.images = images
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.images[index]
+        if self.transform is not None:
+            images = self.transform(images)
+        return {"input": images, "target": self.targets[index], "index": index}
+
+
+def collate(batch: Any) -> Any:
+    """Batches from `__getitems__` arrive collated already; lists of items are collated as usual."""
+    return batch if isinstance(batch, Mapping) else default_collate(batch)

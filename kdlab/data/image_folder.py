@@ -7,6 +7,8 @@ and must be the same folders in train and val so that index i means one class in
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -43,6 +45,14 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             v2.Resize(round(self.input_size / CROP_FRACTION), antialias=True),
             v2.CenterCrop(self.input_size),
         ]
+
+    def sample_digest(self, samples: ImageFolder, digest: hashlib._Hash) -> None:
+        # Decoding every image to hash it would cost an epoch; paths, sizes and times say when files change.
+        for path, _ in samples.samples:
+            stat = os.stat(path)
+            digest.update(
+                f"{os.path.relpath(path, samples.root)}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+            )
 
     def load_split(self, train: bool) -> tuple[ImageFolder, torch.Tensor]:
         folder = self._split_dir(train)
