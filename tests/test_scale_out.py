@@ -4,13 +4,16 @@ There is no GPU and no SLURM here, so each GPU option is checked as far as a CPU
 composes, resolves and builds every non-Trainer part, and its Trainer builds once
 `accelerator=cpu`. DDP itself runs for real on two CPU processes (gloo), once with `ddp_spawn`
 through the CLI and once as two SLURM tasks started at the same moment, as srun would start
-them. docs/scale-out.md explains which combinations work and why.
+them. The CSV logger's fit and test copies under ddp_spawn are also checked on their own.
+docs/scale-out.md explains which combinations work and why.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -36,6 +40,8 @@ from kdlab.build import (
     build_trainer,
     instantiate,
 )
+from kdlab.data.datasets import collate
+from kdlab.loggers import CSVLogger
 from kdlab.run import train
 from tests.conftest import CONF, ROOT, cli_overrides, compose_config, fast_overrides, run_cli
 
@@ -158,7 +164,8 @@ def evaluate(cfg, student_file: str, teacher_file: str, images: range) -> dict[s
     teacher = build_model(cfg.teacher, checkpoint=teacher_file).eval()
     out = {"student": [], "teacher": [], "target": []}
     with torch.no_grad():
-        for batch in DataLoader(Subset(datamodule.test_set, images), batch_size=128):
+        # In-memory data hands out whole batches (__getitems__), which its own collate passes through.
+        for batch in DataLoader(Subset(datamodule.test_set, images), batch_size=128, collate_fn=collate):
             out["student"].append(student(batch["input"]))
             out["teacher"].append(teacher(batch["input"]))
             out["target"].append(batch["target"])
@@ -186,14 +193,26 @@ def test_ddp_spawn_on_two_cpu_processes_matches_one_process(tmp_path, fashion_mn
         "trainer.accelerator=cpu",
         "trainer.strategy=ddp_spawn",
         f"trainer.devices={WORLD}",
-        # CSVLogger loses its file when fit and test run in different spawned workers (docs/scale-out.md).
-        "logger=tensorboard",
     ]
-    done = run_cli(args, cwd=tmp_path)
+    done = run_cli(args, cwd=tmp_path)  # the default logger=csv
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # fit and test ran in different workers; metrics.csv holds both: the fit's rows, then the
+    # test metrics in the test's row, as metrics.json has them.
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert {"train/loss_epoch", "train/kd_epoch", "val/student/top1"} <= set(rows[0])
+    assert any(row["train/loss_epoch"] for row in rows) and any(row["val/student/top1"] for row in rows)
+    [test_row] = [row for row in rows if row["test/student/top1"]]
+    tested = [name for name in metrics["metrics"] if name.startswith("test/")]
+    assert {"test/student/top1", "test/teacher/top1"} <= set(tested)
+    for name in tested:
+        assert float(test_row[name]) == pytest.approx(metrics["metrics"][name], abs=1e-6), name
+    # The loss terms' epoch values are synced over the ranks, so Lightning does not warn about them.
+    assert "sync_dist=True" not in done.stderr, done.stderr[-3000:]
+    assert {"train/loss", "train/loss_epoch", "train/kd_epoch", "train/task_epoch"} <= set(metrics["metrics"])
 
     # The teacher was trained once, in the main process before any worker started, and whole.
     log = (run_dir / "run.log").read_text()
@@ -230,6 +249,33 @@ def test_ddp_spawn_on_two_cpu_processes_matches_one_process(tmp_path, fashion_mn
     assert single["test/student/top1"] == pytest.approx(
         metrics["metrics"]["test/student/top1"], abs=TOP1_TOLERANCE
     )
+
+
+@pytest.mark.parametrize("logger_class", [CSVLogger, LightningCSVLogger], ids=["kdlab", "lightning"])
+def test_csv_logger_copies_write_one_file(tmp_path, logger_class):
+    """What ddp_spawn does to a logger: fit and test workers each unpickle the main process's copy."""
+    main = logger_class(tmp_path, name="csv", version="")
+    main.log_hyperparams({"seed": 0})  # as run.py does before fit: the main process's writer exists
+    fit, test = (pickle.loads(pickle.dumps(main)) for _ in range(2))
+    fit.log_metrics({"train/loss_epoch": 2.0, "val/student/top1": 0.5}, step=2)
+    fit.finalize("success")
+    test.log_metrics({"test/student/top1": 0.25}, step=0)
+    if logger_class is LightningCSVLogger:
+        # The cause: the test copy's writer knows no column, so it rewrites the file with its own
+        # alone, fails on the fit's rows, and leaves the header only.
+        with pytest.raises(ValueError, match="dict contains fields not in fieldnames"):
+            test.finalize("success")
+        assert (tmp_path / "csv" / "metrics.csv").read_text().splitlines() == ["step,test/student/top1"]
+        return
+    test.finalize("success")
+    with (tmp_path / "csv" / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert set(rows[0]) == {"step", "train/loss_epoch", "val/student/top1", "test/student/top1"}
+    columns = ("step", "train/loss_epoch", "val/student/top1", "test/student/top1")
+    assert [tuple(row[c] for c in columns) for row in rows] == [
+        ("2", "2.0", "0.5", ""),
+        ("0", "", "", "0.25"),
+    ]
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.distributed import gather_rows, mean_across_processes, world_size
 from kdlab.errors import KdlabError
 from kdlab.knowledge.base import Knowledge
 from kdlab.taps import Outputs
@@ -36,8 +37,15 @@ class CRD(Knowledge):
     Difference from the reference CIFAR code: that loader draws the negatives only from other
     classes. Here they are drawn uniformly, as in the paper's NCE formulation.
 
+    Under DDP the banks and Z are the same in every process, as in the single-process reference:
+    each step's bank update is made with every process's indices and embeddings
+    (`kdlab.distributed.gather_rows`), so each bank sees the whole epoch, and Z is the mean of
+    the processes' estimates, i.e. the estimate over the union of their first batches (which
+    DistributedSampler makes equal in size).
+
     Cost: two banks of N x feat_dim floats, about 61 MB for Fashion-MNIST's 60,000 training
-    indices, saved in the checkpoint. One (B, K+1, feat_dim) gather per bank per step.
+    indices, saved in the checkpoint. One (B, K+1, feat_dim) gather per bank per step; under
+    DDP also an all-gather of the step's indices and 2 x feat_dim floats per sample.
     """
 
     def __init__(
@@ -65,6 +73,8 @@ class CRD(Knowledge):
             )
         self.feat_dim, self.num_negatives = int(feat_dim), int(num_negatives)
         self.temperature, self.momentum = float(temperature), float(momentum)
+        # Per direction: whether this process has averaged its Z estimate with the other processes.
+        self._z_shared = [False, False]
 
     def build(self, student: Outputs, source: Outputs) -> None:
         if not self.num_samples:
@@ -102,13 +112,22 @@ class CRD(Knowledge):
         """exp(m . v / tau) / Z for the (B, K+1) positive-and-negative bank rows."""
         scores = torch.exp(torch.bmm(bank_rows, anchor.unsqueeze(2)).squeeze(2) / self.temperature)
         # Set Z on the first call only; torch.where avoids a host sync on every step.
+        estimate = scores.detach().mean() * self.num_samples
+        if not self._z_shared[direction] and world_size() > 1:
+            # Each process's first call averages its estimate with the others', so all processes
+            # set the same Z. Every process makes this collective call once, Z set or not (a
+            # resumed run's is, and keeps it), so none waits on a call another one skips.
+            estimate = mean_across_processes(estimate.float())
+            self._z_shared[direction] = True
         z = self.normalizers[direction]
-        z = torch.where(z < 0, scores.detach().mean() * self.num_samples, z)
+        z = torch.where(z < 0, estimate, z)
         self.normalizers[direction] = z
         return scores / z  # the local z: the buffer is written in place, which autograd must not see
 
     @torch.no_grad()
     def update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
+        # Under DDP, every process's rows: the banks stay identical and see every sample of the epoch.
+        index, v_s, v_t = gather_rows(index, v_s, v_t)
         for bank, new in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
             bank[index] = F.normalize(bank[index] * self.momentum + new * (1 - self.momentum), dim=1)
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdlab.distributed import world_size
 from kdlab.errors import KdlabError
 from kdlab.knowledge import Knowledge
 
@@ -137,9 +138,27 @@ class Scheme(L.LightningModule):
             term.epoch = self.current_epoch
 
     def log_terms(self, terms: Mapping[str, Tensor], loss: Tensor) -> None:
-        """Each unweighted term on its own (train/<name>) and the weighted total (train/loss)."""
-        self.log_dict({f"train/{name}": value for name, value in terms.items()}, on_step=True, on_epoch=True)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        """Each unweighted term on its own (train/<name>) and the weighted total (train/loss).
+
+        Each is logged as `<name>_step` and `<name>_epoch`; trainer.callback_metrics also holds
+        `<name>`, the epoch value once the epoch ends. Under DDP the epoch values are averaged
+        over all processes (sync_dist), which Lightning does once, as it computes them at the
+        epoch's end, while the step values stay each process's own (rank 0's in the logs and the
+        progress bar): sync_dist on a step value costs a barrier and an all-reduce every step.
+        """
+        values = {f"train/{name}": value for name, value in terms.items()}
+        values["train/loss"] = loss
+        for name, value in values.items():
+            bar = name == "train/loss"
+            if world_size() == 1:
+                # One call for both: each self.log costs Python time on every step.
+                self.log(name, value, on_step=True, on_epoch=True, prog_bar=bar)
+                continue
+            # The same names, with the epoch values synced only: Lightning would sync a value
+            # logged on_step and on_epoch with sync_dist at every step.
+            self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=bar)
+            self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, prog_bar=bar, sync_dist=True)
+            self.log(name, value, on_step=False, on_epoch=True, logger=False, sync_dist=True)
         self._last_terms = terms
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

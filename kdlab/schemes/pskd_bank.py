@@ -14,6 +14,10 @@ memory bank (kdlab.knowledge.contrastive), as buffers so that a resumed run keep
 interrupted run would have used. A training step reads (`previous`, `soft_targets`) before it
 writes (`store`), so a step's own predictions never become targets within the same epoch.
 
+Under DDP `store` writes every process's rows (`kdlab.distributed.gather_rows`), so each process's
+bank holds the predictions for the whole epoch, not only its sampler's share, and the banks of all
+processes stay identical, as the single bank of a one-process run.
+
 Cost: num_samples x num_classes float32 saved in the checkpoint: 2.4 MB for Fashion-MNIST
 (60,000 x 10), 20 MB for CIFAR-100 (50,000 x 100), but about 5 GB for ImageNet-1k.
 """
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.distributed import gather_rows
 from kdlab.errors import KdlabError
 
 
@@ -41,8 +46,8 @@ class PredictionBank(nn.Module):
     last epoch, e.g. with `limit_train_batches`) still counts: it is the model's latest
     prediction for that sample, which is what the paper's P_{t-1} stands for.
 
-    Under DDP each process holds its own bank and sees only the indices its sampler hands it;
-    gather `index` and `probs` across processes before `store` if every rank must see every row.
+    Under DDP each process holds its own bank; `store` gathers every process's rows before the
+    write, so the banks stay identical and every row is written each epoch.
     """
 
     probs: Tensor
@@ -98,6 +103,10 @@ class PredictionBank(nn.Module):
         the stored targets are constants of later epochs, not part of this step's graph. With a
         repeated index in one call, which of its rows is kept is unspecified (as for any indexed
         write); a sampler that draws each sample once per epoch never repeats one.
+
+        Under DDP every process must call it in the same step (it all-gathers the rows of all
+        processes and writes them all). An index repeated across processes (DistributedSampler
+        pads the last shares with repeated samples) keeps the lowest rank's row.
         """
         self.check_index(index)
         if probs.shape != (index.shape[0], self.num_classes):
@@ -106,7 +115,8 @@ class PredictionBank(nn.Module):
                 f"probabilities of shape {tuple(probs.shape)} for {index.shape[0]} indices. Pass "
                 "logits.detach().softmax(dim=1) of the batch whose batch['index'] is given."
             )
-        self.probs[index] = probs.detach().to(self.probs.dtype)
+        index, probs = gather_rows(index, probs.detach())
+        self.probs[index] = probs.to(self.probs.dtype)
         self.seen[index] = True
         self.epoch_of[index] = int(epoch)
 
