@@ -53,7 +53,7 @@ TRAINING_ARGS = (
 # themselves waiting on that lock. `teacher_training.trainer.*` still overrides these.
 SINGLE_PROCESS = {"strategy": "auto", "devices": 1, "num_nodes": 1, "sync_batchnorm": False}
 # Data arguments that say where the data is or how fast it loads, not what it is.
-DATA_LOCATION_ARGS = ("root", "num_workers", "pin_memory", "download", "download_dir")
+DATA_LOCATION_ARGS = ("root", "num_workers", "pin_memory", "download", "download_dir", "precompute_inputs")
 
 
 @dataclass

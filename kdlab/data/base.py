@@ -24,6 +24,9 @@ from kdlab.data.transforms import as_transform_list, build_pipeline
 from kdlab.errors import KdlabError
 
 _SHAPE_ARGS = ("num_classes", "in_channels", "input_size")
+# precompute_inputs=auto: at most this many bytes of float32 inputs per transform (CIFAR: 0.6 GB).
+PRECOMPUTE_MAX_BYTES = 2e9
+PRECOMPUTE_CHUNK = 4096
 
 
 class EpochShuffle(RandomSampler):
@@ -85,6 +88,7 @@ class ImageClassificationDataModule(LightningDataModule):
         train_transforms: Sequence[Callable] | None = None,
         download: bool = True,
         download_dir: str = "~/.cache/kdlab/data",
+        precompute_inputs: bool | str = "auto",
         num_classes: int | None = None,
         in_channels: int | None = None,
         input_size: int | None = None,
@@ -107,6 +111,13 @@ class ImageClassificationDataModule(LightningDataModule):
         self.split_seed = split_seed
         self.download = download
         self.download_dir = download_dir
+        if precompute_inputs not in ("auto", True, False):
+            raise KdlabError(
+                f"data.precompute_inputs={precompute_inputs!r} is not a choice: set auto (when the inputs "
+                f"fit in {PRECOMPUTE_MAX_BYTES / 1e9:.0f} GB as float32), true, or false."
+            )
+        self.precompute_inputs = precompute_inputs
+        self._inputs: dict[tuple[int, str], torch.Tensor] = {}  # precomputed, by (samples, transform)
         given = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
         for arg in _SHAPE_ARGS:
             setattr(self, arg, self._resolve_shape_arg(arg, given[arg]))
@@ -121,6 +132,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.train_set: Subset | None = None
         self.val_set: Subset | None = None
         self.test_set: IndexedDataset | None = None
+        self._train_samples: Dataset | None = None
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -158,6 +170,7 @@ class ImageClassificationDataModule(LightningDataModule):
         # Each split is read once; Lightning may call setup again for later stages.
         if stage in (None, "fit", "validate") and self.train_set is None:
             samples, targets = self.load_split(train=True)
+            self._train_samples = samples
             self._check_labels(targets, "training")
             val_count = resolve_val_count(self.val_size, len(targets))
             train_idx, val_idx = split_indices(len(targets), val_count, self.split_seed)
@@ -194,10 +207,9 @@ class ImageClassificationDataModule(LightningDataModule):
         if self.train_set is None:
             self.prepare_data()
             self.setup("fit")
-        view = self.train_set.dataset
         digest = hashlib.sha256()
-        self.sample_digest(view.base, digest)
-        digest.update(view.targets.numpy().tobytes())
+        self.sample_digest(self._train_samples, digest)
+        digest.update(self.train_set.dataset.targets.numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def sample_digest(self, samples: Dataset, digest: hashlib._Hash) -> None:
@@ -209,11 +221,26 @@ class ImageClassificationDataModule(LightningDataModule):
     def _view(
         self, samples: Dataset, targets: torch.Tensor, transform: Callable, random: bool
     ) -> IndexedDataset:
-        """Samples with their index; batches are fetched with one tensor index where that is exact."""
+        """Samples with their index, fetched a batch at a time by one tensor index where that is exact.
+
+        In-memory samples under a transform that draws nothing at random are fetched by tensor
+        index; with `precompute_inputs` their transformed inputs are computed once, so a batch
+        is a slice of one float tensor and the loader costs next to nothing per step.
+        """
         images = getattr(samples, "tensors", (None,))[0]  # an in-memory TensorDataset
-        if images is not None and not random:
-            return TensorBatchDataset(images, targets, transform)
-        return IndexedDataset(samples, targets, transform)
+        if images is None or random:
+            return IndexedDataset(samples, targets, transform)
+        float_bytes = images.numel() * 4
+        if self.precompute_inputs is True or (
+            self.precompute_inputs == "auto" and float_bytes <= PRECOMPUTE_MAX_BYTES
+        ):
+            # Train and val (views of one split) share a tensor when their transforms agree.
+            key = (id(images), repr(transform))
+            if key not in self._inputs:
+                chunks = [transform(chunk) for chunk in images.split(PRECOMPUTE_CHUNK)]
+                self._inputs[key] = torch.cat(chunks)
+            return TensorBatchDataset(self._inputs[key], targets, None)
+        return TensorBatchDataset(images, targets, transform)
 
     def _loader(self, dataset: Dataset | None, stage: str, shuffle: bool) -> DataLoader:
         if dataset is None:

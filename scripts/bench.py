@@ -1,0 +1,380 @@
+"""Training throughput of kdlab against hand-written PyTorch, side by side in one process.
+
+    .venv/bin/python scripts/bench.py                 # the README's figures
+    .venv/bin/python scripts/bench.py --batches 20 --repeats 1   # a quick look
+
+Every variant trains the same models (the PyTorch KD tutorial's DeepNN teacher and LightNN
+student, kdlab's `deepnn`/`lightnn`) on real Fashion-MNIST without augmentation, with the same
+batch size, optimizer (Adam, lr 1e-3), threads and glibc malloc setting, and is timed over the
+same number of batches after the same warm-up:
+
+  (a) a hand-written PyTorch KD loop: teacher forward under no_grad, Hinton KD + CE, Adam;
+  (b) kdlab offline KD (`mode=offline knowledge=kd`), the teacher run every step;
+  (c) kdlab offline KD with the teacher-output cache (built once first; its time is shown apart);
+  (d) hand-written student cross-entropy training alone;
+  (e) kdlab online DML with the two models as peers, against the sum of their hand-written
+      cross-entropy steps.
+
+The hand-written loops read batches by slicing a shuffled, pre-normalised tensor, the cheapest
+data path there is; kdlab uses its own DataModule. kdlab runs with `logger=none`, no progress
+bar, no checkpoints and no validation, so what is compared is the training step itself. The
+variants are interleaved `--repeats` times and the median taken, so that a background load
+shifts all of them alike. Also shown: the teacher's forward in channels_last against the default
+layout, and (`--allocator`, in two fresh processes) loop (a) with glibc's default malloc against
+kdlab's tuning (kdlab/allocator.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from kdlab.allocator import tune_malloc  # noqa: E402
+from kdlab.build import (  # noqa: E402
+    build_knowledge,
+    build_model,
+    build_scheme,
+    build_trainer,
+    instantiate,
+    scheme_class,
+)
+from kdlab.resume import teacher_identity  # noqa: E402
+from kdlab.teacher_cache import cache_callback  # noqa: E402
+from kdlab.teachers import TeacherRecord  # noqa: E402
+
+GOALS = {"b/a": ("offline KD vs hand-written KD", ">=", 0.95), "c/d": ("cached KD vs student CE", ">=", 0.90)}
+GOALS["e/(ce_t+ce_s)"] = ("online DML vs the peers' CE steps", "<=", 1.05)
+EXTRA_RATIOS = {
+    "c/b": "speed-up of the cache",
+    "channels_last": "teacher forward, channels_last vs contiguous",
+}
+
+
+# ---------------------------------------------------------------------------------- setup
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="run", overrides=overrides)
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    return [
+        "~experiment",
+        "data.train_transforms=[]",
+        f"data.batch_size={args.batch_size}",
+        "optimizer.lr=0.001",
+        "logger=none",
+        "callbacks=none",
+        "trainer.max_epochs=1",
+        f"trainer.limit_train_batches={args.warmup + args.batches}",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.enable_checkpointing=false",
+        "trainer.accelerator=cpu" if args.cpu else "trainer.accelerator=auto",
+        f"data.root={args.data_root}" if args.data_root else "data.root=null",
+        f"data.val_size={args.val_size}",
+        f"paths.output_dir={args.workdir / 'run'}",
+        f"paths.teacher_store={args.workdir / 'teachers'}",
+        "hydra.run.dir=.",
+    ]
+
+
+def seeded_model(cfg, role: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)  # the same weights in every variant, hand-written or kdlab
+    return build_model(cfg[role], checkpoint=None)
+
+
+class Throughput(L.Callback):
+    """Images per second over the batches after `warmup`, from the start of one to the end of the last."""
+
+    def __init__(self, warmup: int, batch_size: int):
+        self.warmup, self.batch_size = warmup, batch_size
+        self.start = self.end = None
+        self.count = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            synchronize()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            synchronize()
+            self.end, self.count = time.perf_counter(), batch_idx - self.warmup + 1
+
+    @property
+    def rate(self) -> float:
+        return self.count * self.batch_size / (self.end - self.start)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------ kdlab runs
+def kdlab_rate(args, datamodule, overrides: list[str], cached: bool = False) -> float:
+    cfg = compose_cfg([*common_overrides(args), *overrides])
+    knowledge = build_knowledge(cfg)
+    role = scheme_class(cfg).teacher_role  # a frozen teacher, a trained peer, or none
+    sources = {"teacher": seeded_model(cfg, "teacher", 0)} if role in ("pretrained", "peer") else {}
+    torch.manual_seed(1)
+    scheme = build_scheme(cfg, datamodule, knowledge, **sources)
+    timer = Throughput(args.warmup, args.batch_size)
+    callbacks = [timer]
+    if cached:
+        record = TeacherRecord("checkpoint", "bench: seeded initialisation")
+        weights = teacher_identity(record, sources["teacher"], cfg.teacher.name)["sha256"]
+        callbacks.append(cache_callback(cfg, scheme, datamodule, weights, cfg.teacher))
+    trainer = build_trainer(cfg, logger=False, callbacks=callbacks)
+    trainer.fit(scheme, datamodule=datamodule)
+    datamodule.trainer = None
+    return timer.rate
+
+
+def build_cache(args, datamodule) -> float:
+    """Build the cache entry (c) reads, once; returns the seconds it took (0 when it existed)."""
+    start = time.perf_counter()
+    cfg = compose_cfg(
+        [*common_overrides(args), "teacher_cache.enabled=true", "trainer.limit_train_batches=1"]
+    )
+    teacher = seeded_model(cfg, "teacher", 0)
+    scheme = build_scheme(cfg, datamodule, build_knowledge(cfg), teacher=teacher)
+    weights = teacher_identity(TeacherRecord("checkpoint", "bench"), teacher, cfg.teacher.name)["sha256"]
+    callback = cache_callback(cfg, scheme, datamodule, weights, cfg.teacher)
+    existed = (callback.entry / "outputs.pt").exists()
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.datamodule = datamodule
+    callback.on_fit_start(holder, scheme.to(device(args)))
+    return 0.0 if existed else time.perf_counter() - start
+
+
+def device(args) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+
+
+# ------------------------------------------------------------------------ hand-written loops
+class Batches:
+    """Shuffled batches sliced from pre-normalised tensors on the device: the cheapest data path."""
+
+    def __init__(self, datamodule, batch_size: int, dev: torch.device):
+        view = datamodule.train_set.dataset
+        indices = list(datamodule.train_set.indices)
+        batch = view.__getitems__(indices)
+        self.x, self.y = batch["input"].to(dev), batch["target"].to(dev)
+        self.batch_size = batch_size
+        self.order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+
+def timed(step, args) -> float:
+    for i in range(args.warmup):
+        step(i)
+    synchronize()
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.batches):
+        step(i)
+    synchronize()
+    return args.batches * args.batch_size / (time.perf_counter() - start)
+
+
+def handwritten_kd(args, batches: Batches, cfg) -> float:
+    dev = batches.x.device
+    teacher = seeded_model(cfg, "teacher", 0).to(dev).eval().requires_grad_(False)
+    torch.manual_seed(1)
+    student = build_model(cfg.student, checkpoint=None).to(dev)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    temperature = 4.0
+
+    def step(i: int) -> None:
+        x, y = batches(i)
+        with torch.no_grad():
+            soft = F.softmax(teacher(x) / temperature, dim=1)
+        logits = student(x)
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
+        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * temperature**2 * kd
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, args)
+
+
+def handwritten_ce(args, batches: Batches, cfg, role: str, seed: int) -> float:
+    model = seeded_model(cfg, role, seed).to(batches.x.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(i: int) -> None:
+        x, y = batches(i)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, args)
+
+
+def teacher_forward(args, batches: Batches, cfg, channels_last: bool) -> float:
+    teacher = seeded_model(cfg, "teacher", 0).to(batches.x.device).eval().requires_grad_(False)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    teacher.to(memory_format=layout)
+
+    def step(i: int) -> None:
+        with torch.no_grad():
+            teacher(batches(i)[0].contiguous(memory_format=layout))
+
+    return timed(step, args)
+
+
+# ---------------------------------------------------------------------------------- report
+def median_rates(variants: dict, repeats: int) -> dict[str, float]:
+    """Run every variant `repeats` times, interleaved, and keep each one's median img/s."""
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, run in variants.items():
+            rates[name].append(run())
+            print(f"  [{repeat + 1}/{repeats}] {name:<28} {rates[name][-1]:10.1f} img/s", flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def ratios(rates: dict[str, float]) -> dict[str, float]:
+    # (e) is compared in time per image: DML's step against the two CE steps it replaces.
+    peers_ce = 1.0 / (1.0 / rates["ce teacher (hand-written)"] + 1.0 / rates["d: student CE (hand-written)"])
+    return {
+        "b/a": rates["b: kdlab offline KD"] / rates["a: KD (hand-written)"],
+        "c/d": rates["c: kdlab KD, cached"] / rates["d: student CE (hand-written)"],
+        "c/b": rates["c: kdlab KD, cached"] / rates["b: kdlab offline KD"],
+        "e/(ce_t+ce_s)": peers_ce / rates["e: kdlab online DML"],
+        "channels_last": rates["teacher fwd, channels_last"] / rates["teacher fwd, contiguous"],
+    }
+
+
+def allocator_ab(args) -> dict[str, float]:
+    """Loop (a) in two fresh processes: glibc's default malloc, then kdlab's tuning."""
+    out = {}
+    for mode in ("default", "tuned"):
+        cmd = [sys.executable, __file__, "--only-a", "--malloc", mode, "--batches", str(args.batches)]
+        cmd += [
+            "--warmup",
+            str(args.warmup),
+            "--batch-size",
+            str(args.batch_size),
+            "--workdir",
+            str(args.workdir),
+        ]
+        cmd += ["--cpu"] if args.cpu else []
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(result.stdout.strip().splitlines()[-1])["a"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches before them")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU present")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+    parser.add_argument("--allocator", action="store_true", help="also measure glibc malloc tuning (a, A/B)")
+    parser.add_argument("--data-root", type=Path, help="Fashion-MNIST files (default: the usual search)")
+    parser.add_argument("--val-size", type=int, default=5000, help="validation split, as data.val_size")
+    parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "kdlab" / "bench")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--only-a", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.malloc == "tuned":
+        tune_malloc()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning's per-fit banners
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    cfg = compose_cfg(common_overrides(args))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = Batches(datamodule, args.batch_size, device(args))
+    if args.only_a:
+        print(json.dumps({"a": timed_median(lambda: handwritten_kd(args, batches, cfg), args.repeats)}))
+        return
+
+    print(
+        f"threads={torch.get_num_threads()} device={device(args)} "
+        f"batch={args.batch_size} malloc={args.malloc}"
+    )
+    build_seconds = build_cache(args, datamodule)
+    print(f"teacher-output cache: built in {build_seconds:.1f} s" if build_seconds else "cache: entry reused")
+    variants = {
+        "a: KD (hand-written)": lambda: handwritten_kd(args, batches, cfg),
+        "b: kdlab offline KD": lambda: kdlab_rate(args, datamodule, ["teacher_cache.enabled=false"]),
+        "c: kdlab KD, cached": lambda: kdlab_rate(
+            args, datamodule, ["teacher_cache.enabled=true"], cached=True
+        ),
+        "d: student CE (hand-written)": lambda: handwritten_ce(args, batches, cfg, "student", 1),
+        "kdlab baseline (student CE)": lambda: kdlab_rate(args, datamodule, ["mode=baseline"]),
+        "ce teacher (hand-written)": lambda: handwritten_ce(args, batches, cfg, "teacher", 0),
+        "e: kdlab online DML": lambda: kdlab_rate(args, datamodule, ["mode=online"]),
+        "teacher fwd, contiguous": lambda: teacher_forward(args, batches, cfg, channels_last=False),
+        "teacher fwd, channels_last": lambda: teacher_forward(args, batches, cfg, channels_last=True),
+    }
+    rates = median_rates(variants, args.repeats)
+    figures = {"img_per_s": rates, "ratios": ratios(rates), "cache_build_s": build_seconds}
+    if args.allocator:
+        figures["allocator_a_img_per_s"] = allocator_ab(args)
+    print_report(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def timed_median(run, repeats: int) -> float:
+    return statistics.median(run() for _ in range(repeats))
+
+
+def print_report(figures: dict) -> None:
+    print("\n| variant | img/s |\n| --- | ---: |")
+    for name, rate in figures["img_per_s"].items():
+        print(f"| {name} | {rate:,.0f} |")
+    print("\n| ratio | what | value | goal |\n| --- | --- | ---: | --- |")
+    for name, value in figures["ratios"].items():
+        what, op, goal = GOALS.get(name, (EXTRA_RATIOS.get(name, ""), "", None))
+        target = ""
+        if goal is not None:
+            met = value >= goal if op == ">=" else value <= goal
+            target = f"{op} {goal:.2f} ({'met' if met else 'NOT met'})"
+        print(f"| {name} | {what} | {value:.3f} | {target} |")
+    if "allocator_a_img_per_s" in figures:
+        ab = figures["allocator_a_img_per_s"]
+        print(
+            f"\nmalloc, loop (a): default {ab['default']:.0f} img/s, tuned {ab['tuned']:.0f} img/s "
+            f"({ab['tuned'] / ab['default']:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
