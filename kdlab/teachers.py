@@ -24,12 +24,12 @@ from typing import Any
 import lightning as L
 import torch
 from filelock import FileLock
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdlab.build import build_knowledge, build_model, build_trainer, optimisation
 from kdlab.errors import KdlabError
+from kdlab.loggers import CSVLogger
 from kdlab.schemes import Baseline, Offline
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ cache) keys on.
 deterministic transform: the DataLoader fetches a whole batch with one tensor index
 (`__getitems__`) and transforms it at once, instead of running the transform per sample
 and collating. At the student's step rate once the teacher is cached (thousands of small
-images a second on a CPU) the per-sample path would be a large part of every step.
+images a second on a CPU) the per-sample path would be a large part of every step. A DataLoader
+of one's own over these datasets needs `collate_fn=collate` (below), as kdlab's loaders use.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class PSKD(StudentScheme):
         for name, term in self.knowledge.items():
             loss = loss + alpha * term.weight * terms[name]
         self.bank.store(index, own.softmax(dim=1), epoch)
-        self.log("train/alpha", alpha, on_step=False, on_epoch=True)
+        self.log("train/alpha", alpha, on_step=False, on_epoch=True, sync_dist=True)  # once per epoch
         self.log_terms(terms, loss)
         return loss
 
