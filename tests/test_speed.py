@@ -132,3 +132,26 @@ def test_bench_runs_and_reports_every_figure(tmp_path, small_fashion_mnist):  # 
     assert set(figures["ratios"]) == {"b/a", "c/d", "c/b", "e/(ce_t+ce_s)", "channels_last"}
     assert figures["cache_build_s"] > 0 and set(figures["allocator_a_img_per_s"]) == {"default", "tuned"}
     assert "| b/a | offline KD vs hand-written KD |" in result.stdout
+
+
+def test_compiled_teacher_gives_the_same_outputs_and_features(tmp_path):
+    # The eager backend checks the wiring (hooks traced, outputs and features kept) without the
+    # minutes a CPU inductor build takes; the default backend is what a GPU user gets.
+    cfg = compose_config(
+        [*fast_overrides(tmp_path), "knowledge=[kd,at]", "mode.teacher_compile={backend: eager}"]
+    )
+    datamodule = instantiate(cfg.data)
+    torch.manual_seed(0)
+    teacher = build_model(cfg.teacher)
+    plain = build_scheme(
+        cfg, datamodule, build_knowledge(cfg), teacher=_copy(cfg, teacher), teacher_compile=None
+    )
+    compiled = build_scheme(cfg, datamodule, build_knowledge(cfg), teacher=teacher)
+    assert compiled.teacher._compiled_call_impl is not None and plain.teacher._compiled_call_impl is None
+    assert compiled.teacher.state_dict().keys() == plain.teacher.state_dict().keys()
+    x = torch.randn(8, 1, 28, 28)
+    a, b = plain.teacher_forward(x), compiled.teacher_forward(x)
+    torch.testing.assert_close(b.logits, a.logits)
+    assert b.feats.keys() == a.feats.keys() and b.feats
+    for name in a.feats:
+        torch.testing.assert_close(b.feats[name], a.feats[name])

@@ -4,8 +4,9 @@ The teacher is never optimised and never leaves eval mode: its parameters take n
 gradient, it is not in the optimizer, `train()` cannot switch it back, and its forward
 pass runs under `no_grad`. (Not `inference_mode`: the losses save the teacher's outputs for
 the student's backward, which inference tensors may not be.) Conv teachers run in channels_last
-memory format by default (`teacher_channels_last`), which oneDNN and cuDNN run faster. AMP needs
-no switch of its own: `trainer.precision=bf16-mixed` autocasts the whole step, teacher included.
+memory format by default (`teacher_channels_last`), which oneDNN and cuDNN run faster, and
+`teacher_compile` (true, or torch.compile's arguments) compiles the teacher. AMP needs no switch
+of its own: `trainer.precision=bf16-mixed` autocasts the whole step, teacher included.
 
 With the teacher-output cache (kdlab.teacher_cache) attached, training batches take the
 teacher's outputs from it by sample index, and validation batches too where the train and eval
@@ -42,12 +43,23 @@ class Offline(StudentScheme):
 
     teacher_role = "pretrained"
 
-    def __init__(self, teacher: nn.Module, *args, teacher_channels_last: bool = True, **kwargs):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *args,
+        teacher_channels_last: bool = True,
+        teacher_compile: bool | Mapping | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_channels_last = bool(teacher_channels_last)
         if self.teacher_channels_last:
             self.teacher.to(memory_format=torch.channels_last)  # only 4-D (conv) weights change layout
+        if teacher_compile:
+            # In place (Module.compile), so the state_dict keys stay the teacher's own; the tap's
+            # hooks are traced into the graph on the first call.
+            self.teacher.compile(**({} if teacher_compile is True else dict(teacher_compile)))
         self.teacher_outputs: TeacherOutputs | None = None
         self.cache_covers_validation = False
         self.teacher_tap = self.tap(teacher, "teacher", "teacher")
