@@ -16,6 +16,8 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
+from kdlab.tables import markdown_table
+
 COLUMNS = ("model", "architecture", "params", "test top-1", "test top-5", "agreement", "KL to teacher")
 _METRIC_OF_COLUMN = {
     "test top-1": "top1",
@@ -63,10 +65,7 @@ def _cell(value: Any) -> str:
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the rows, dropping columns no row has a value for."""
     columns = [c for c in COLUMNS if any(row.get(c) is not None for row in rows)]
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+    return markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
 
 
 def write_metrics(path: Path, results: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kdlab.errors import KdlabError
 from kdlab.sweeps import FAILED_FILE, METRICS_FILE, override_dict, read_overrides, varying_keys
+from kdlab.tables import markdown_table
 
 # Overrides that say which repeat a run is, or where and how it reports: never what is compared.
 NOT_COMPARED = (
@@ -127,9 +128,7 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
         [row["method"], *(row[key] for key in keys), *(_mean_std(row, m) for m in MEASURES), str(row["n"])]
         for row in rows
     ]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
+    return markdown_table(header, cells)
 
 
 def _mean_std(row: dict, measure: str) -> str:

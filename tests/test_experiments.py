@@ -14,7 +14,7 @@ import pytest
 
 from kdlab.models import create_model
 from kdlab.run import train
-from tests.conftest import CONF, compose_config, fast_overrides
+from tests.conftest import CONF, NO_PLOTS, compose_config, fast_overrides
 from tests.test_data import write_cifar
 
 # experiment -> (teacher, student, learning rate)
@@ -81,6 +81,9 @@ def test_experiment_trains_teacher_then_distils(name, tmp_path, tiny_cifar100):
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
         "trainer.num_sanity_val_steps=0",
+        # 100-class confusion matrices and per-class bars cost more than the run; tests/test_plots.py
+        # checks the figures.
+        NO_PLOTS,
     ]
     results = train(compose_config(overrides))
     assert results["mode"] == "offline" and results["knowledge"] == ["kd"]

@@ -13,13 +13,25 @@ from kdlab.build import build_knowledge
 from kdlab.models import create_model
 from kdlab.run import train
 from kdlab.schemes import Offline
-from tests.conftest import CONF, cli_overrides, compose_config, fast_overrides, run_cli
+from tests.conftest import (
+    CONF,
+    NO_PLOTS,
+    cli_overrides,
+    compose_config,
+    fast_overrides,
+    run_cli,
+    run_main,
+    sweep_overrides,
+)
 
 KNOWLEDGE = sorted(p.stem for p in (CONF / "knowledge").glob("*.yaml"))
 # FSP compares flow matrices and the L2 hint raw feature maps: both need equal stage shapes,
 # which the tutorial pair does not have.
 SAME_WIDTH_PAIR = ["model@teacher=resnet14", "model@student=resnet8"]
 SAME_SHAPE_ONLY = ("fsp", "l2", "byot")
+# The family defaults (response: kd, feature: fitnet, relation: rkd) train offline through the CLI
+# in tests/test_run.py's every-scheme multirun, which checks what they stand for.
+FAMILY_DEFAULTS = ("response", "feature", "relation")
 
 
 def scheme_for(name: str, tmp_path) -> Offline:
@@ -54,30 +66,40 @@ def test_gradients_reach_the_student_and_every_adapter_never_the_teacher(name, t
 
 
 @pytest.mark.parametrize("combo", [["kd", "at"], ["kd", "crd"]])
-def test_composed_knowledge_trains_with_each_term_logged(combo, tmp_path, fashion_mnist):
-    result = train(compose_config([*fast_overrides(tmp_path), f"knowledge=[{','.join(combo)}]"]))
+def test_composed_knowledge_trains_with_each_term_logged(combo, tmp_path, fashion_mnist, teacher_store):
+    # The teacher: the session's (tests/conftest.py), trained once for every run of this budget.
+    overrides = [*fast_overrides(tmp_path, teacher_store=teacher_store), f"knowledge=[{','.join(combo)}]"]
+    overrides.append(NO_PLOTS)
+    if "crd" in combo:
+        # CRD's default 16384 negatives per sample make each step score 32 x 16385 embeddings;
+        # composition does not depend on how many.
+        overrides.append("knowledge.crd.num_negatives=64")
+    result = train(compose_config(overrides))
     assert result["knowledge"] == combo
     for name in ("task", *combo):
         assert math.isfinite(result["metrics"][f"train/{name}_epoch"]), name
 
 
-def test_every_knowledge_config_trains_offline_through_the_cli(tmp_path, fashion_mnist):
-    names = [name for name in KNOWLEDGE if name not in SAME_SHAPE_ONLY]
+def test_every_knowledge_config_trains_offline_through_the_cli(tmp_path, fashion_mnist, teacher_store):
+    names = [name for name in KNOWLEDGE if name not in (*SAME_SHAPE_ONLY, *FAMILY_DEFAULTS)]
     sweep = tmp_path / "sweep"
-    args = [o for o in cli_overrides(tmp_path, batches=2) if not o.startswith("hydra.run.dir")]
+    # Each knowledge config as it is (CRD with its 16384 negatives too); the figures, which do
+    # not depend on the knowledge, are left to tests/test_plots.py.
+    args = [*sweep_overrides(tmp_path, batches=2, teacher_store=teacher_store), NO_PLOTS]
     proc = run_cli(
         ["-m", *args, f"hydra.sweep.dir={sweep}", f"knowledge={','.join(names)}"], cwd=tmp_path, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fsp = run_cli(
-        [*cli_overrides(tmp_path / "fsp", batches=2), "knowledge=fsp", *SAME_WIDTH_PAIR], cwd=tmp_path
+    # FSP needs another model pair, so another command; in this process (the multirun above has
+    # shown the CLI's own process), which saves an interpreter's start-up.
+    fsp = run_main(
+        [*cli_overrides(tmp_path / "fsp", 2, teacher_store), "knowledge=fsp", *SAME_WIDTH_PAIR, NO_PLOTS],
+        cwd=tmp_path,
     )
     assert fsp.returncode == 0, fsp.stderr[-3000:]
     runs = {name: json.loads((sweep / str(i) / "metrics.json").read_text()) for i, name in enumerate(names)}
     runs["fsp"] = json.loads((tmp_path / "fsp" / "run" / "metrics.json").read_text())
-    aliases = {"response": "kd", "feature": "fitnet", "relation": "rkd"}
     for name, result in runs.items():
-        term = aliases.get(name, name)
-        assert result["knowledge"] == [term], name
-        assert math.isfinite(result["metrics"][f"train/{term}_epoch"]), name
+        assert result["knowledge"] == [name], name
+        assert math.isfinite(result["metrics"][f"train/{name}_epoch"]), name
         assert 0 <= result["metrics"]["test/student/top1"] <= 1, name

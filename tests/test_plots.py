@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -89,10 +91,8 @@ def test_agreement_is_recorded_per_training_epoch_only(tmp_path):
     assert restored.agreement == {0: 0.5, 1: 0.75}
 
 
-@pytest.mark.parametrize("mode", ["offline", "baseline", "online"])
-def test_a_run_writes_the_pngs(mode, tmp_path, fashion_mnist):
-    results = train(compose_config([*fast_overrides(tmp_path), f"mode={mode}"]))
-    plots = tmp_path / "run" / "plots"
+def assert_run_wrote_the_pngs(mode: str, run_dir: Path, results: dict) -> None:
+    plots = run_dir / "plots"
     # Only offline distillation has a teacher to agree with during validation.
     expected = {*TEST_FIGURES, *(["agreement"] if mode == "offline" else [])}
     assert {path.stem for path in plots.glob("*.png")} == expected
@@ -104,3 +104,17 @@ def test_a_run_writes_the_pngs(mode, tmp_path, fashion_mnist):
         assert "test/student/agreement" in results["metrics"]  # the test-time metric is kept
     else:
         assert "val/student/agreement" not in results["metrics"]
+
+
+@pytest.mark.parametrize("mode", ["offline", "online", "self"])
+def test_every_scheme_writes_the_pngs_with_any_knowledge(mode, scheme_knowledge_sweep):
+    # The jobs of the shared every-scheme multirun (tests/conftest.py), figures on.
+    jobs = [job for (job_mode, _), job in scheme_knowledge_sweep.items() if job_mode == mode]
+    assert len(jobs) == 3  # response, feature and relation knowledge
+    for job in jobs:
+        assert_run_wrote_the_pngs(mode, job, json.loads((job / "metrics.json").read_text()))
+
+
+def test_a_baseline_run_writes_the_pngs(tmp_path, fashion_mnist):
+    results = train(compose_config([*fast_overrides(tmp_path), "mode=baseline"]))
+    assert_run_wrote_the_pngs("baseline", tmp_path / "run", results)

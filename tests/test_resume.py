@@ -14,19 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from kdlab.build import build_callbacks
 from kdlab.data.base import EpochShuffle
 from kdlab.errors import KdlabError
 from kdlab.models import create_model
 from kdlab.resume import EpochSeed, resume_point
 from kdlab.run import train
-from tests.conftest import ROOT, cli_overrides, compose_config, fast_overrides
+from tests.conftest import NO_PLOTS, ROOT, cli_overrides, compose_config, fast_overrides
 
 
-def overrides(root: Path, run: str, epochs: int, *extra: str) -> list[str]:
-    """KD + CRD (its memory banks are part of the state) for `epochs` epochs of 5 batches."""
+def overrides(root: Path, run: str, epochs: int, *extra: str, store: Path | None = None) -> list[str]:
+    """KD + CRD (its memory banks are part of the state) for `epochs` epochs of 3 batches."""
     base = [
-        o for o in fast_overrides(root, batches=5) if not o.startswith(("paths.output_dir", "trainer.max"))
+        o
+        for o in fast_overrides(root, batches=3, teacher_store=store)
+        if not o.startswith(("paths.output_dir", "trainer.max"))
     ]
     return [
         *base,
@@ -41,12 +45,15 @@ def overrides(root: Path, run: str, epochs: int, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, fashion_mnist):
-    """Run A: 2 epochs straight. Run B: 1 epoch, then resumed in place to 2 (with W&B, offline)."""
+def runs(tmp_path_factory, fashion_mnist, teacher_store):
+    """Run A: 2 epochs straight. Run B: 1 epoch, then resumed in place to 2 (with W&B, offline).
+
+    Their teacher comes from the session's store; the store itself is tests/test_run.py's subject.
+    """
     root = tmp_path_factory.mktemp("resume")
-    uninterrupted = train(compose_config(overrides(root, "A", 2)))
+    uninterrupted = train(compose_config(overrides(root, "A", 2, store=teacher_store)))
     wandb = "logger=[csv,wandb]"
-    train(compose_config(overrides(root, "B", 1, wandb)))
+    train(compose_config(overrides(root, "B", 1, wandb, store=teacher_store)))
     first_part = torch.load(root / "B" / "checkpoints" / "last.ckpt", weights_only=False)
     epochs_trained = []
     with pytest.MonkeyPatch.context() as patch:
@@ -57,7 +64,7 @@ def runs(tmp_path_factory, fashion_mnist):
             seed_epoch(self, trainer, pl_module)
 
         patch.setattr(EpochSeed, "on_train_epoch_start", spy)
-        resumed = train(compose_config(overrides(root, "B", 2, wandb, "ckpt_path=last")))
+        resumed = train(compose_config(overrides(root, "B", 2, wandb, "ckpt_path=last", store=teacher_store)))
     return root, uninterrupted, resumed, first_part, epochs_trained
 
 
@@ -65,7 +72,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs):
     root, uninterrupted, resumed, first_part, epochs_trained = runs
     assert first_part["epoch"] == 0 and epochs_trained == [1]  # B really stopped, then trained epoch 1 only
     a, b = (torch.load(root / run / "checkpoints" / "last.ckpt", weights_only=False) for run in "AB")
-    assert a["global_step"] == b["global_step"] == 10
+    assert a["global_step"] == b["global_step"] == 6
     assert "knowledge.crd.memory_student" in b["state_dict"]
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, tensor in a["state_dict"].items():
@@ -131,6 +138,17 @@ def test_a_requeued_slurm_job_resumes_from_its_run_directory(runs, monkeypatch):
     assert point.checkpoint == root / "B" / "checkpoints" / "last.ckpt" and point.same_run
 
 
+def test_one_callback_writes_last_ckpt(tmp_path):
+    """`ckpt_path=last` resumes from last.ckpt: the default callbacks have exactly one writer of it,
+    saving at every epoch end (the best-model checkpoint's save_last would write it only with a new
+    best)."""
+    callbacks = build_callbacks(compose_config(fast_overrides(tmp_path)))
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    writers = [c for c in checkpoints if c.save_last or c.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST]
+    assert len(checkpoints) == 2 and len(writers) == 1
+    assert writers[0].monitor is None and writers[0].save_top_k == 1
+
+
 def test_train_order_is_a_function_of_seed_and_epoch():
     data = range(100)
     sampler = EpochShuffle(data, seed=3)
@@ -144,7 +162,9 @@ def test_train_order_is_a_function_of_seed_and_epoch():
 
 
 def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path, fashion_mnist):
+    # No figures: the runs above resume with them (their callback's state is in the checkpoint).
     args = [o for o in cli_overrides(tmp_path, batches=20) if not o.startswith("trainer.max_epochs")]
+    args.append(NO_PLOTS)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     run_dir, stderr_file = tmp_path / "run", tmp_path / "stderr.txt"
     with stderr_file.open("w") as stderr:  # a file, not a pipe: nothing blocks on a full buffer

@@ -1,25 +1,36 @@
-"""End to end on a small subset of real Fashion-MNIST: in-process, and through the CLI."""
+"""End to end on a small subset of real Fashion-MNIST: in-process, and through the CLI.
+
+The offline run, the CLI job and the every-scheme multirun are each made once and read by
+several tests (the last two are shared with other files: tests/conftest.py).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 
 from kdlab.errors import KdlabError
 from kdlab.run import train
-from tests.conftest import cli_overrides, compose_config, fast_overrides, run_cli
+from tests.conftest import NO_PLOTS, cli_overrides, compose_config, fast_overrides, run_main
 
 
-@pytest.fixture()
-def offline_run(tmp_path, fashion_mnist):
-    """One offline KD run (training the teacher into an empty store), and its config."""
-    overrides = fast_overrides(tmp_path)
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory, fashion_mnist):
+    """One offline KD run (training the teacher into an empty store), and its config.
+
+    Module-scoped: the tests below start their own runs from its store or its teacher file,
+    each in its own output directory, and none of them changes what it wrote.
+    """
+    overrides = fast_overrides(tmp_path_factory.mktemp("offline"))
     return train(compose_config(overrides)), overrides
 
 
-def test_offline_run_reports_both_models_and_writes_metrics(offline_run, tmp_path):
+def test_offline_run_reports_both_models_and_writes_metrics(offline_run):
     results, _ = offline_run
+    run_dir = Path(results["run_dir"])
     rows = {row["model"]: row for row in results["models"]}
     assert set(rows) == {"teacher", "student"}
     assert rows["teacher"]["architecture"] == "deepnn" and rows["student"]["architecture"] == "lightnn"
@@ -32,9 +43,9 @@ def test_offline_run_reports_both_models_and_writes_metrics(offline_run, tmp_pat
     assert results["optimized_metric"]["value"] == results["metrics"]["val/student/top1"]
     for term in ("train/task_epoch", "train/kd_epoch", "train/loss_epoch"):
         assert term in results["metrics"], term
-    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    written = json.loads((run_dir / "metrics.json").read_text())
     assert written["models"] == json.loads(json.dumps(results["models"]))
-    logged = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/kd_epoch" in logged and "test/student/agreement" in logged
 
 
@@ -74,6 +85,7 @@ def test_baseline_mode_trains_the_student_alone(tmp_path, fashion_mnist):
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path, fashion_mnist):
     with pytest.raises(KdlabError, match="missing.pt"):
         train(compose_config([*fast_overrides(tmp_path), f"teacher.checkpoint={tmp_path / 'missing.pt'}"]))
+    assert not (tmp_path / "teachers").exists()  # the error comes before any training
 
 
 def test_corrupt_teacher_checkpoint_is_a_clear_error(tmp_path, fashion_mnist):
@@ -88,7 +100,12 @@ def test_wrong_architecture_checkpoint_names_the_keys(offline_run, tmp_path):
     with pytest.raises(KdlabError, match="features"):
         train(
             compose_config(
-                [*overrides, "model@teacher=resnet8", f"teacher.checkpoint={first['teacher']['path']}"]
+                [
+                    *overrides,
+                    f"paths.output_dir={tmp_path / 'wrong'}",  # not the shared run's directory
+                    "model@teacher=resnet8",
+                    f"teacher.checkpoint={first['teacher']['path']}",
+                ]
             )
         )
 
@@ -100,39 +117,23 @@ def test_teacher_with_other_classes_is_refused(tmp_path, fashion_mnist):
 
 def test_unknown_optimized_metric_keeps_the_results(tmp_path, fashion_mnist):
     with pytest.raises(KdlabError, match="optimized_metric='val/nope'"):
-        train(compose_config([*fast_overrides(tmp_path), "mode=baseline", "optimized_metric=val/nope"]))
+        overrides = [*fast_overrides(tmp_path), "mode=baseline", "optimized_metric=val/nope", NO_PLOTS]
+        train(compose_config(overrides))
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
 # ---------------------------------------------------------------- the CLI, as a user types it
-def test_cli_default_job_prints_the_table(tmp_path, fashion_mnist):
-    proc = run_cli(cli_overrides(tmp_path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_cli_job_prints_the_table(cli_wandb_job):
+    proc, run_dir = cli_wandb_job
     assert "| teacher" in proc.stdout and "| student" in proc.stdout and "agreement" in proc.stdout
-    results = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert results["run_dir"] == str(tmp_path / "run")
+    assert f"Run directory: {run_dir}" in proc.stdout
+    results = json.loads((run_dir / "metrics.json").read_text())
+    assert results["run_dir"] == str(run_dir)
 
 
-def test_cli_multirun_shares_one_teacher_and_one_wandb_run_per_job(tmp_path, fashion_mnist):
-    sweep = tmp_path / "sweep"
-    args = [o for o in cli_overrides(tmp_path) if not o.startswith("hydra.run.dir")]
-    proc = run_cli(
-        ["-m", *args, f"hydra.sweep.dir={sweep}", "logger=[csv,wandb]", "knowledge.kd.temperature=1,4"],
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = [json.loads((sweep / str(n) / "metrics.json").read_text()) for n in (0, 1)]
-    assert [job["teacher"]["source"] for job in jobs] == ["trained", "store"]
-    assert len(list((tmp_path / "teachers").glob("*/teacher.pt"))) == 1
-    runs = [list((sweep / str(n) / "wandb").glob("offline-run-*/run-*.wandb")) for n in (0, 1)]
-    assert all(len(r) == 1 for r in runs) and runs[0][0].name != runs[1][0].name
-    for r in runs:  # grouped by the sweep, tagged by mode and knowledge
-        data = r[0].read_bytes()
-        assert sweep.name.encode() in data and b"mode:offline" in data and b"knowledge:kd" in data
-
-
+# --help, --cfg and bad input train nothing: they run in this process (tests/conftest.py:run_main).
 def test_cli_help_lists_the_choices(tmp_path):
-    proc = run_cli(["--help"], cwd=tmp_path)
+    proc = run_main(["--help"], cwd=tmp_path)
     assert proc.returncode == 0
     for group in (
         "mode:",
@@ -149,7 +150,7 @@ def test_cli_help_lists_the_choices(tmp_path):
 
 
 def test_cli_cfg_job_prints_the_composed_config(tmp_path):
-    proc = run_cli(["--cfg", "job", "knowledge.kd.temperature=2"], cwd=tmp_path)
+    proc = run_main(["--cfg", "job", "knowledge.kd.temperature=2"], cwd=tmp_path)
     assert (
         proc.returncode == 0
         and "temperature: 2" in proc.stdout
@@ -167,43 +168,35 @@ def test_cli_cfg_job_prints_the_composed_config(tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_clear_error(args, message, tmp_path):
-    proc = run_cli([*cli_overrides(tmp_path), *args], cwd=tmp_path)
-    assert proc.returncode != 0
+    proc = run_main([*cli_overrides(tmp_path), *args], cwd=tmp_path)
+    assert proc.returncode == 1
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "teachers").exists() or not list((tmp_path / "teachers").glob("*/teacher.pt"))
 
 
-def test_every_scheme_runs_with_every_kind_of_knowledge_from_the_cli(tmp_path, fashion_mnist):
-    sweep = tmp_path / "sweep"
-    args = [o for o in cli_overrides(tmp_path, batches=2) if not o.startswith("hydra.run.dir")]
-    proc = run_cli(
-        [
-            "-m",
-            *args,
-            f"hydra.sweep.dir={sweep}",
-            "mode=offline,online,self",
-            "knowledge=response,feature,relation",
-        ],
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_every_scheme_runs_with_every_kind_of_knowledge_from_the_cli(scheme_knowledge_sweep):
     expected_rows = {
         "offline": {"teacher", "student"},
         "online": {"teacher", "student", "ensemble"},
         "self": {"student", "exit1", "exits_ensemble"},
     }
-    seen = set()
-    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").exists()):
-        overrides = dict(
-            line[2:].strip().split("=", 1)
-            for line in (job / ".hydra" / "overrides.yaml").read_text().splitlines()
-            if line.startswith("- ") and line[2:].split("=")[0] in ("mode", "knowledge")
-        )
+    assert len(scheme_knowledge_sweep) == 9
+    for (mode, knowledge), job in scheme_knowledge_sweep.items():
         result = json.loads((job / "metrics.json").read_text())
         rows = {row["model"]: row for row in result["models"]}
-        assert set(rows) == expected_rows[overrides["mode"]], overrides
-        assert all(0 <= row["test top-1"] <= 1 for row in rows.values()), overrides
-        seen.add((overrides["mode"], overrides["knowledge"]))
-    assert len(seen) == 9
+        assert set(rows) == expected_rows[mode], (mode, knowledge)
+        assert all(0 <= row["test top-1"] <= 1 for row in rows.values()), (mode, knowledge)
+    # The three offline jobs distil from one teacher: one job trains it, the other two reuse it.
+    teachers = [
+        json.loads((job / "metrics.json").read_text())["teacher"]
+        for (mode, _), job in scheme_knowledge_sweep.items()
+        if mode == "offline"
+    ]
+    assert sorted(t["source"] for t in teachers) == ["store", "store", "trained"]
+    assert len({t["path"] for t in teachers}) == 1
+    # Each family's default is its usual method (the other methods: tests/test_knowledge_zoo.py).
+    for family, term in {"response": "kd", "feature": "fitnet", "relation": "rkd"}.items():
+        result = json.loads((scheme_knowledge_sweep["offline", family] / "metrics.json").read_text())
+        assert result["knowledge"] == [term], family
+        assert math.isfinite(result["metrics"][f"train/{term}_epoch"]), family

@@ -14,7 +14,7 @@ from kdlab.errors import KdlabError
 from kdlab.models import create_model
 from kdlab.run import train
 from kdlab.schemes import BYOT, PSKD
-from tests.conftest import compose_config, fast_overrides
+from tests.conftest import NO_PLOTS, compose_config, fast_overrides
 
 
 def resnet8():
@@ -109,6 +109,7 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1(tmp_path, fas
         "mode.generations=2",
         "knowledge=kd",
         "model@student=resnet8",
+        NO_PLOTS,  # self mode's figures: tests/test_plots.py
     ]
     first = train(compose_config(overrides))
     assert [row["model"] for row in first["models"]] == ["gen0", "teacher", "student"]
@@ -127,7 +128,8 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1(tmp_path, fas
 
 
 def test_a_byot_run_saves_the_backbone_without_exits(tmp_path, fashion_mnist):
-    result = train(compose_config([*fast_overrides(tmp_path), "mode=self", "model@student=resnet8"]))
+    overrides = [*fast_overrides(tmp_path), "mode=self", "model@student=resnet8", NO_PLOTS]
+    result = train(compose_config(overrides))
     saved = torch.load(result["student_weights"], weights_only=True)
     assert not any("exit" in key for key in saved["state_dict"])
     model = create_model(

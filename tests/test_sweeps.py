@@ -1,4 +1,5 @@
-"""Sweeps from the CLI: an Optuna study in SQLite that resumes; multiruns that survive a failing job."""
+"""Sweeps from the CLI: an Optuna study in SQLite that resumes; multiruns that survive a failing job,
+share one teacher and log one W&B run per job."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from kdlab.sweeps import (
     read_overrides,
     run_or_record_failure,
 )
-from tests.conftest import CONF, ROOT, cli_overrides, run_cli
+from tests.conftest import CONF, ROOT, run_cli, run_main, sweep_overrides
 
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 SEARCHED = ("knowledge.kd.temperature", "knowledge.kd.weight", "mode.task_weight")
@@ -40,26 +41,29 @@ def optuna():
     return optuna
 
 
-def _sweep_args(tmp_path, batches=2):
-    return [o for o in cli_overrides(tmp_path, batches) if not o.startswith("hydra.run.dir")]
-
-
-def test_optuna_study_lives_in_sqlite_and_resumes(tmp_path, fashion_mnist, optuna):
+# The Optuna launches run in this process (tests/conftest.py:run_main): what is tested is the
+# study in its SQLite file, which a second launch finds just as a second process does.
+def test_optuna_study_lives_in_sqlite_and_resumes(tmp_path, fashion_mnist, optuna, teacher_store):
     db = tmp_path / "study.db"
 
     def study_run(name):
+        # One trial per launch: the second launch's trial is what shows the resume.
         sweep = tmp_path / name
-        args = ["hparams_search=kd_optuna", "hydra.sweeper.n_trials=2", *_sweep_args(tmp_path)]
-        proc = run_cli([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"KDLAB_OPTUNA_DB": str(db)})
+        args = [
+            "hparams_search=kd_optuna",
+            "hydra.sweeper.n_trials=1",
+            *sweep_overrides(tmp_path, batches=2, teacher_store=teacher_store),
+        ]
+        proc = run_main([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"KDLAB_OPTUNA_DB": str(db)})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return [sweep / str(n) for n in (0, 1)]
+        return [sweep / "0"]
 
     jobs = study_run("first")  # no -m: the search config makes it a multirun
     jobs += study_run("again")  # the same command: the stored study resumes
     summaries = optuna.study.get_all_study_summaries(storage=f"sqlite:///{db}")
     assert [s.study_name for s in summaries] == ["kd_optuna"]
     trials = optuna.load_study(study_name="kd_optuna", storage=f"sqlite:///{db}").trials
-    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert [t.number for t in trials] == [0, 1]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     for trial, job in zip(trials, jobs, strict=True):
         results = json.loads((job / "metrics.json").read_text())
@@ -67,18 +71,16 @@ def test_optuna_study_lives_in_sqlite_and_resumes(tmp_path, fashion_mnist, optun
         overrides = override_dict(read_overrides(job))  # the job ran with the values Optuna suggested
         assert {key: float(overrides[key]) for key in SEARCHED} == trial.params
         assert trial.params["knowledge.kd.temperature"] in (1, 2, 4, 8)
-    # The resumed run explored new points instead of repeating the first run's.
-    assert {tuple(t.params.items()) for t in trials[2:]}.isdisjoint(
-        tuple(t.params.items()) for t in trials[:2]
-    )
+    # The resumed run explored a new point instead of repeating the first run's.
+    assert trials[1].params != trials[0].params
 
 
 def test_optuna_sees_a_failing_trial(tmp_path, optuna):
     """Under Optuna a job's error is not hidden: its trial is FAIL; past max_failure_rate the sweep stops."""
     db = tmp_path / "study.db"
     args = ["hparams_search=kd_optuna", "hydra.sweeper.n_trials=1", "knowledge.kd.temperature=0"]
-    proc = run_cli(
-        [*args, *_sweep_args(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+    proc = run_main(
+        [*args, *sweep_overrides(tmp_path, batches=2), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path,
         env={"KDLAB_OPTUNA_DB": str(db)},
     )
@@ -110,12 +112,20 @@ def test_resumed_sampler_continues_with_new_points(optuna):
     assert len(resumed.trials) == 6 and set(first).isdisjoint(second)
 
 
-def test_failing_job_is_reported_and_the_other_jobs_are_kept(tmp_path, fashion_mnist):
-    sweep = tmp_path / "sweep"
-    proc = run_cli(
-        ["-m", *_sweep_args(tmp_path), f"hydra.sweep.dir={sweep}", "knowledge.kd.temperature=2,0,4"],
-        cwd=tmp_path,
-    )
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory, fashion_mnist):
+    """A CLI multirun of three offline KD jobs whose middle one has bad input, logging to CSV and
+    W&B (offline): its process and sweep directory. One multirun shows both the failure handling
+    and what the jobs of a sweep share (the teacher) and keep apart (their W&B runs)."""
+    tmp_path = tmp_path_factory.mktemp("failing_sweep")
+    sweep = tmp_path / "temperature-sweep"  # a name to find as the W&B runs' group
+    args = ["-m", *sweep_overrides(tmp_path, batches=2), f"hydra.sweep.dir={sweep}", "logger=[csv,wandb]"]
+    proc = run_cli([*args, "knowledge.kd.temperature=2,0,4"], cwd=tmp_path)
+    return proc, sweep
+
+
+def test_failing_job_is_reported_and_the_other_jobs_are_kept(failing_sweep):
+    proc, sweep = failing_sweep
     # Every job ran, then the exit status says that one failed, so scripts and CI notice.
     assert proc.returncode == 1, proc.stderr[-3000:]
     for good in (0, 2):
@@ -146,6 +156,19 @@ def test_failing_job_is_reported_and_the_other_jobs_are_kept(tmp_path, fashion_m
         metrics = json.loads((sweep / str(job) / "metrics.json").read_text())["metrics"]
         assert float(row["student top-1 mean"]) == metrics["test/student/top1"]
     assert f"{sweep / '1'} failed" in table.stderr
+
+
+def test_sweep_jobs_share_one_teacher_and_each_has_its_own_wandb_run(failing_sweep):
+    proc, sweep = failing_sweep
+    assert proc.returncode == 1, proc.stderr[-3000:]  # job 1's bad input; see the test above
+    jobs = [json.loads((sweep / str(n) / "metrics.json").read_text()) for n in (0, 2)]
+    assert [job["teacher"]["source"] for job in jobs] == ["trained", "store"]
+    assert len(list((sweep.parent / "teachers").glob("*/teacher.pt"))) == 1
+    runs = [list((sweep / str(n) / "wandb").glob("offline-run-*/run-*.wandb")) for n in (0, 2)]
+    assert all(len(r) == 1 for r in runs) and runs[0][0].name != runs[1][0].name
+    for r in runs:  # grouped by the sweep, tagged by mode and knowledge
+        data = r[0].read_bytes()
+        assert sweep.name.encode() in data and b"mode:offline" in data and b"knowledge:kd" in data
 
 
 def test_summary_names_failed_jobs_by_what_sets_them_apart(tmp_path, capsys):

@@ -24,8 +24,6 @@ from pathlib import Path
 import pytest
 from wandb.proto import wandb_internal_pb2 as pb
 
-from tests.conftest import cli_overrides, run_cli
-
 FILE_HEADER = b":W&B"
 FILE_HEADER_SIZE = 7  # ":W&B", a 2-byte magic number, a 1-byte version
 BLOCK_SIZE = 32 * 1024
@@ -73,13 +71,10 @@ def as_dict(items) -> dict:
 
 
 @pytest.fixture(scope="module")
-def offline_wandb_run(tmp_path_factory, fashion_mnist):
-    """A CLI job of two epochs with `logger=[csv,wandb]`, WANDB_MODE=offline; its run dir and W&B dir."""
-    tmp_path = tmp_path_factory.mktemp("wandb")
-    args = [*cli_overrides(tmp_path), "trainer.max_epochs=2", "logger=[csv,wandb]"]
-    proc = run_cli(args, cwd=tmp_path, env={"WANDB_MODE": "offline"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "run"
+def offline_wandb_run(cli_wandb_job):
+    """The shared CLI job of two epochs with `logger=[csv,wandb]`, WANDB_MODE=offline (tests/conftest.py):
+    its run dir and W&B dir."""
+    _, run_dir = cli_wandb_job
     (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")
     return run_dir, wandb_dir
 
