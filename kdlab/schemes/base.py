@@ -98,6 +98,8 @@ class Scheme(L.LightningModule):
         self.example_input_array = torch.zeros(2, *input_shape)
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
+        # This epoch's training terms: (names, running sum, [step count]); see log_terms.
+        self._epoch_terms: tuple[list[str], Tensor, list[int]] | None = None
 
     # ------------------------------------------------------------ what subclasses provide
     def trained_models(self) -> dict[str, nn.Module]:
@@ -136,30 +138,45 @@ class Scheme(L.LightningModule):
         # Losses with schedules (e.g. DKD's warm-up) read the epoch from here, not from kwargs.
         for term in self.knowledge_terms():
             term.epoch = self.current_epoch
+        self._epoch_terms = None  # a fresh sum (a resumed epoch averages its own steps)
 
     def log_terms(self, terms: Mapping[str, Tensor], loss: Tensor) -> None:
         """Each unweighted term on its own (train/<name>) and the weighted total (train/loss).
 
-        Each is logged as `<name>_step` and `<name>_epoch`; trainer.callback_metrics also holds
-        `<name>`, the epoch value once the epoch ends. Under DDP the epoch values are averaged
-        over all processes (sync_dist), which Lightning does once, as it computes them at the
-        epoch's end, while the step values stay each process's own (rank 0's in the logs and the
-        progress bar): sync_dist on a step value costs a barrier and an all-reduce every step.
+        The loggers get `<name>_step` and `<name>_epoch`, and trainer.callback_metrics holds
+        `<name>`, the epoch value, once the epoch ends. Each `self.log` call costs Python time on
+        every step (about a tenth of a small student's step, once its teacher's outputs are cached),
+        so the step values are logged only on the steps the loggers write (every
+        trainer.log_every_n_steps; the progress bar's loss updates as often), and the epoch values
+        are a running sum on the device, logged once when the epoch ends (the mean over its steps).
+        Under DDP they are averaged over processes then (sync_dist): one all-reduce per epoch.
         """
-        values = {f"train/{name}": value for name, value in terms.items()}
-        values["train/loss"] = loss
-        for name, value in values.items():
-            bar = name == "train/loss"
-            if world_size() == 1:
-                # One call for both: each self.log costs Python time on every step.
-                self.log(name, value, on_step=True, on_epoch=True, prog_bar=bar)
-                continue
-            # The same names, with the epoch values synced only: Lightning would sync a value
-            # logged on_step and on_epoch with sync_dist at every step.
-            self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=bar)
-            self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, prog_bar=bar, sync_dist=True)
-            self.log(name, value, on_step=False, on_epoch=True, logger=False, sync_dist=True)
+        values = {f"train/{name}": value.detach() for name, value in terms.items()}
+        values["train/loss"] = loss.detach()
+        stacked = torch.stack([value.float() for value in values.values()])
+        if self._epoch_terms is None or self._epoch_terms[0] != list(values):
+            self._epoch_terms = (list(values), torch.zeros_like(stacked), [0])
+        self._epoch_terms[1].add_(stacked)
+        self._epoch_terms[2][0] += 1
         self._last_terms = terms
+        if self._trainer is None:  # called outside a fit (e.g. a test's training_step): nothing to log to
+            return
+        # The steps the loggers write: Lightning's condition, (batches that stepped + 1) % n.
+        if (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            for name, value in values.items():
+                self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=name == "train/loss")
+
+    def on_train_epoch_end(self) -> None:
+        # Before the monitoring callbacks (checkpoints, early stopping) read the epoch's metrics.
+        if self._epoch_terms is None:
+            return
+        names, sums, (steps,) = self._epoch_terms
+        self._epoch_terms = None
+        sync = world_size() > 1
+        for name, value in zip(names, sums / max(steps, 1), strict=True):
+            bar = name == "train/loss"
+            self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, prog_bar=bar, sync_dist=sync)
+            self.log(name, value, on_step=False, on_epoch=True, logger=False, sync_dist=sync)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Checked at the logging cadence only: the check syncs with the GPU.
