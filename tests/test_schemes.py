@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from functools import partial
 
 import lightning as L
@@ -55,17 +56,17 @@ def datamodule(tmp_path, fashion_mnist):
 
 
 def fit(scheme, datamodule, **trainer_args):
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        **trainer_args,
-    )
+    settings = {
+        "max_epochs": 1,
+        "limit_train_batches": 3,
+        "limit_val_batches": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+    }
+    trainer = L.Trainer(**{**settings, **trainer_args})
     trainer.fit(scheme, datamodule=datamodule)
     return trainer
 
@@ -140,3 +141,27 @@ def test_baseline_trains_the_model_with_cross_entropy_only(datamodule):
     trainer = fit(scheme, datamodule)
     assert "val/teacher/top1" in trainer.callback_metrics
     assert "train/task" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_loss_terms_are_logged_at_the_loggers_cadence_and_averaged_per_epoch(tmp_path, datamodule, every):
+    from lightning.pytorch.loggers import CSVLogger
+
+    scheme = offline({"kd": KD()})
+    trainer = fit(
+        scheme,
+        datamodule,
+        limit_train_batches=4,
+        log_every_n_steps=every,
+        logger=CSVLogger(tmp_path, name="", version=""),
+    )
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    steps = [row for row in rows if row.get("train/kd_step")]
+    # Step values on the steps the logger writes: all four, or steps 1 and 3 (0-based) of four.
+    assert [int(row["step"]) for row in steps] == list(range(every - 1, 4, every))
+    assert all(row["train/task_step"] and row["train/loss_step"] for row in steps)
+    epoch = next(row for row in rows if row.get("train/kd_epoch"))
+    assert float(epoch["train/loss_epoch"]) == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    if every == 1:  # every step is logged, so the epoch value is their mean
+        mean = sum(float(row["train/kd_step"]) for row in steps) / len(steps)
+        assert float(epoch["train/kd_epoch"]) == pytest.approx(mean, rel=1e-5)
