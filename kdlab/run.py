@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ from kdlab.teacher_cache import cache_callback
 from kdlab.teachers import obtain_generations, obtain_teacher, record_dict
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per fit: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
