@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,11 @@ def refusal(cfg: DictConfig, datamodule: Any, example: Outputs) -> str | None:
 
 
 @torch.no_grad()
-def compute(tap: FeatureTap, datamodule: Any, device: torch.device, batch_size: int) -> TeacherOutputs:
-    """Run the frozen teacher over every training-split sample (train transform), in index order."""
+def compute(
+    forward: Callable[[Tensor], Outputs], datamodule: Any, device: torch.device, batch_size: int
+) -> TeacherOutputs:
+    """Run the frozen teacher (`forward`: the scheme's, with its memory format and compilation)
+    over every training-split sample, with the train transform, in index order."""
     view = datamodule.train_set.dataset  # the whole training split, train and validation parts
     # A private generator: building the cache must not move the global RNG the run is seeded with.
     loader = torch.utils.data.DataLoader(
@@ -222,7 +225,7 @@ def compute(tap: FeatureTap, datamodule: Any, device: torch.device, batch_size: 
     logits, feats = [], {}
     for batch in tqdm(loader, desc="Caching teacher outputs", unit="batch", dynamic_ncols=True):
         x = batch["input"].to(device, non_blocking=True)
-        out = tap(x)
+        out = forward(x)
         logits.append(out.logits.half().cpu())
         for name, value in out.feats.items():
             feats.setdefault(name, []).append(value.contiguous().half().cpu())
@@ -230,7 +233,7 @@ def compute(tap: FeatureTap, datamodule: Any, device: torch.device, batch_size: 
 
 
 def load_or_build(
-    entry: Path, tap: FeatureTap, datamodule: Any, device: torch.device, batch_size: int
+    entry: Path, forward: Callable[[Tensor], Outputs], datamodule: Any, device: torch.device, batch_size: int
 ) -> TeacherOutputs:
     """The entry's outputs: read, or computed and stored first (one process builds; the rest wait)."""
     entry.mkdir(parents=True, exist_ok=True)
@@ -244,7 +247,7 @@ def load_or_build(
                 len(datamodule.train_set.dataset),
                 entry,
             )
-            outputs = compute(tap, datamodule, device, batch_size)
+            outputs = compute(forward, datamodule, device, batch_size)
             state = {"logits": outputs.logits, "feats": outputs.feats}
             save_atomic(lambda p: torch.save(state, p), path)
     try:
@@ -290,7 +293,7 @@ class TeacherCache(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         outputs = load_or_build(
-            self.entry, pl_module.teacher_tap, datamodule, pl_module.device, datamodule.batch_size
+            self.entry, pl_module.teacher_forward, datamodule, pl_module.device, datamodule.batch_size
         )
         size = outputs.logits.nbytes + sum(v.nbytes for v in outputs.feats.values())
         if pl_module.device.type != "cpu" and size <= self.device_bytes:
