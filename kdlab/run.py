@@ -110,7 +110,9 @@ def _train(
     # Seeding per epoch and the run record are part of every run, whatever `callbacks=` holds.
     callbacks = [*build_callbacks(cfg), EpochSeed(cfg.seed), RunRecord(teacher)]
     if record is not None:  # a frozen teacher: its outputs may come from the cache
-        callbacks += filter(None, [cache_callback(cfg, scheme, datamodule, teacher["sha256"], architecture)])
+        cache = cache_callback(cfg, scheme, datamodule, teacher["sha256"], architecture)
+        if cache is not None:
+            callbacks.append(cache)
     trainer = build_trainer(cfg, logger=loggers, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(

@@ -78,11 +78,11 @@ class TeacherOutputs:
     def lookup(self, index: Tensor, dtype: torch.dtype = torch.float32) -> Outputs:
         """The outputs for a batch of sample indices, on the index's device, as `dtype`."""
         rows = index.to(self.device)
-        out = Outputs(self.logits[rows], {k: v[rows] for k, v in self.feats.items()})
-        return Outputs(
-            out.logits.to(index.device, dtype, non_blocking=True),
-            {k: v.to(index.device, dtype, non_blocking=True) for k, v in out.feats.items()},
-        )
+
+        def take(table: Tensor) -> Tensor:
+            return table[rows].to(index.device, dtype, non_blocking=True)
+
+        return Outputs(take(self.logits), {name: take(table) for name, table in self.feats.items()})
 
 
 @dataclass

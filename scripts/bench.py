@@ -53,7 +53,7 @@ from kdlab.build import (  # noqa: E402
     scheme_class,
 )
 from kdlab.resume import teacher_identity  # noqa: E402
-from kdlab.teacher_cache import cache_callback  # noqa: E402
+from kdlab.teacher_cache import OUTPUTS, cache_callback, load_or_build  # noqa: E402
 from kdlab.teachers import TeacherRecord  # noqa: E402
 
 GOALS = {"b/a": ("offline KD vs hand-written KD", ">=", 0.95), "c/d": ("cached KD vs student CE", ">=", 0.90)}
@@ -156,15 +156,9 @@ def build_cache(args, datamodule) -> float:
     teacher = seeded_model(cfg, "teacher", 0)
     scheme = build_scheme(cfg, datamodule, build_knowledge(cfg), teacher=teacher)
     weights = teacher_identity(TeacherRecord("checkpoint", "bench"), teacher, cfg.teacher.name)["sha256"]
-    callback = cache_callback(cfg, scheme, datamodule, weights, cfg.teacher)
-    existed = (callback.entry / "outputs.pt").exists()
-
-    class Holder:
-        pass
-
-    holder = Holder()
-    holder.datamodule = datamodule
-    callback.on_fit_start(holder, scheme.to(device(args)))
+    entry = cache_callback(cfg, scheme, datamodule, weights, cfg.teacher).entry
+    existed = (entry / OUTPUTS).exists()
+    load_or_build(entry, scheme.to(device(args)).teacher_forward, datamodule, device(args), args.batch_size)
     return 0.0 if existed else time.perf_counter() - start
 
 

@@ -155,3 +155,11 @@ def test_compiled_teacher_gives_the_same_outputs_and_features(tmp_path):
     assert b.feats.keys() == a.feats.keys() and b.feats
     for name in a.feats:
         torch.testing.assert_close(b.feats[name], a.feats[name])
+
+
+def test_unknown_compile_arguments_are_refused_with_what_to_set(tmp_path):
+    cfg = compose_config([*fast_overrides(tmp_path), "mode.teacher_compile={fastest: true}"])
+    with pytest.raises(
+        KdlabError, match=r"mode.teacher_compile=\{'fastest': True\} is not a set of torch.compile"
+    ):
+        build_scheme(cfg, instantiate(cfg.data), build_knowledge(cfg), teacher=build_model(cfg.teacher))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdlab.errors import KdlabError
 from kdlab.schemes.student import StudentScheme
 from kdlab.taps import Outputs
 
@@ -59,7 +60,15 @@ class Offline(StudentScheme):
         if teacher_compile:
             # In place (Module.compile), so the state_dict keys stay the teacher's own; the tap's
             # hooks are traced into the graph on the first call.
-            self.teacher.compile(**({} if teacher_compile is True else dict(teacher_compile)))
+            options = {} if teacher_compile is True else dict(teacher_compile)
+            try:
+                self.teacher.compile(**options)
+            except TypeError as error:  # an argument torch.compile does not take
+                raise KdlabError(
+                    f"mode.teacher_compile={options} is not a set of torch.compile arguments ({error}). "
+                    "Set mode.teacher_compile=true for the defaults, or pass only torch.compile's "
+                    "arguments, e.g. {mode: max-autotune} or {backend: inductor}."
+                ) from None
         self.teacher_outputs: TeacherOutputs | None = None
         self.cache_covers_validation = False
         self.teacher_tap = self.tap(teacher, "teacher", "teacher")
