@@ -7,16 +7,19 @@ teacher's own training run from the same functions, so both are configured ident
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra.utils
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.errors import KdlabError
-from kdlab.schemes import Scheme
+
+if TYPE_CHECKING:  # the schemes build their peers with build_model, so they import this module
+    from kdlab.schemes import Scheme
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -38,45 +41,102 @@ def build_model(node: DictConfig, **overrides: Any) -> nn.Module:
 
 
 def build_knowledge(cfg: DictConfig) -> dict[str, nn.Module]:
-    """The named knowledge losses of `knowledge=` (one config, or a list of them)."""
+    """The named knowledge losses of `knowledge=` (one config, or a list of them).
+
+    Each is given the name it is configured under, so its messages name the key the user types.
+    """
     knowledge = cfg.get("knowledge") or {}
-    return {name: instantiate(node) for name, node in knowledge.items()}
+    return {name: instantiate(node, name=name) for name, node in knowledge.items()}
 
 
 def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None) -> dict[str, Any]:
     """The partial optimizer and scheduler, as scheme keyword arguments.
 
     `optimizer_overrides` are merged over `optimizer.*` first (the teacher's own settings).
+    Each optimizer is tried here on a dummy parameter: the scheme builds the real one only when the
+    fit starts, so a setting its constructor refuses (`optimizer.lr=-1`) would otherwise surface as
+    a traceback after a teacher was trained. It is a KdlabError naming the key instead.
     """
+    # What to do about the values torch's optimizers check (the key is found in their message).
+    hints = {
+        "lr": "use a positive learning rate (e.g. {key}=1e-3)",
+        "momentum": "use a momentum >= 0 (e.g. {key}=0.9)",
+        "weight_decay": "use a weight decay >= 0 (e.g. {key}=5e-4)",
+        "betas": "use betas in [0, 1) (e.g. {key}=[0.9,0.999])",
+        "eps": "use an epsilon >= 0 (e.g. {key}=1e-8)",
+        "nesterov": "Nesterov momentum needs a momentum > 0 and dampening 0 (or set {key}=false)",
+    }
+    aliases = {"learning rate": "lr", "epsilon": "eps", "beta": "betas", "nesterov": "nesterov"}
+
+    def tried(node: DictConfig, prefix: str, own: Any = ()) -> Any:
+        partial = instantiate(node)
+        try:
+            # A zero parameter: building an nn.Linear would draw from the RNG the run is seeded with.
+            partial([nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError) as error:
+            message = str(error)
+            words = {word.strip("'\":,.()") for word in message.split()}
+            names = [name for word, name in aliases.items() if word in message.lower()]
+            names += [str(n) for n in node if str(n) in words]
+            if not names:
+                return partial  # not clearly a bad setting: the real construction reports it
+            key = f"{prefix if names[0] in own else 'optimizer'}.{names[0]}"
+            if "unexpected keyword" in message:
+                what = f"it takes no `{names[0]}`: remove it (~{key}) or check the spelling"
+            else:
+                what = hints.get(names[0], "set a value it accepts").format(key=key)
+            value = OmegaConf.select(node, names[0], default=None)
+            value = str(value).lower() if isinstance(value, bool) else value  # as typed: true, not True
+            raise KdlabError(
+                f"{key}={value} is refused by {node.get('_target_')} ({message}): {what}."
+            ) from None
+        except Exception:  # e.g. an optimizer that needs a process group: it is built later
+            pass
+        return partial
+
     scheduler = cfg.get("scheduler")
-    optimizer = OmegaConf.merge(cfg.optimizer, optimizer_overrides) if optimizer_overrides else cfg.optimizer
+    optimizer = tried(cfg.optimizer, "optimizer")  # the run's own first: its key is the one to name
+    if optimizer_overrides:
+        merged = OmegaConf.merge(cfg.optimizer, optimizer_overrides)
+        optimizer = tried(merged, "teacher_training.optimizer", set(optimizer_overrides))
     return {
-        "optimizer": instantiate(optimizer),
+        "optimizer": optimizer,
         "scheduler": instantiate(scheduler) if scheduler else None,
     }
 
 
 def scheme_class(cfg: DictConfig) -> type[Scheme]:
-    """The scheme `mode=` builds (for mode=self, the class of `mode.method`)."""
-    cls = hydra.utils.get_class(cfg.mode._target_)
-    return cls.scheme_class(cfg.mode.method) if hasattr(cls, "scheme_class") else cls
+    """The scheme class `mode=` builds."""
+    return hydra.utils.get_class(cfg.mode._target_)
 
 
 def build_scheme(
-    cfg: DictConfig, datamodule: L.LightningDataModule, knowledge: dict[str, nn.Module], **sources: nn.Module
+    cfg: DictConfig,
+    datamodule: L.LightningDataModule,
+    knowledge: Mapping[str, nn.Module] | None,
+    sources: Mapping[str, Any] | None = None,
+    *,
+    mode: DictConfig | None = None,
+    student: nn.Module | None = None,
+    optimizer_overrides: Mapping | None = None,
+    **kwargs: Any,
 ) -> Scheme:
-    """The `mode=` LightningModule around a fresh student, with `sources` (e.g. teacher=)."""
-    if cfg.mode.get("extra_peers"):  # more peers for online mode: the student's config, other names
-        sources["extra_peers"] = [build_model(cfg.student, name=name) for name in cfg.mode.extra_peers]
+    """The `mode=` LightningModule (or `mode`, another scheme config) around a fresh student.
+
+    `sources` are what the scheme learns from (`Scheme.sources_for(...).modules`, e.g. teacher=);
+    `student` replaces the configured student (e.g. a teacher being trained); `kwargs` go to the
+    scheme's constructor (e.g. model_name=).
+    """
     return instantiate(
-        cfg.mode,
-        student=build_model(cfg.student),
+        mode if mode is not None else cfg.mode,
+        student=student if student is not None else build_model(cfg.student),
         knowledge=knowledge,
         num_classes=datamodule.num_classes,
         input_shape=tuple(datamodule.input_shape),
-        num_samples=datamodule.train_split_size if knowledge else None,
-        **optimisation(cfg),
-        **sources,
+        num_samples=datamodule.train_split_size,
+        **optimisation(cfg, optimizer_overrides),
+        **dict(sources or {}),
+        **kwargs,
         _recursive_=False,
     )
 

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, open_dict
 
-from kdlab.build import instantiate
+from kdlab.build import instantiate, scheme_class
 
 
 class CSVLogger(LightningCSVLogger):
@@ -66,8 +66,8 @@ def sweep_name() -> str | None:
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
-    mode = cfg.mode._target_.rsplit(".", 1)[-1].lower()
-    return [f"mode:{mode}", *(f"knowledge:{name}" for name in (cfg.get("knowledge") or {}))]
+    """`mode:<scheme name>` (e.g. byot, not the family `self`) and `knowledge:<name>` per term."""
+    return [f"mode:{scheme_class(cfg).name}", *(f"knowledge:{name}" for name in (cfg.get("knowledge") or {}))]
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:

@@ -8,6 +8,10 @@
   side by side, and `per_class_accuracy`: each model's accuracy on every class;
 - `agreement`: the student's top-1 agreement with the teacher (`val/student/agreement`) per epoch.
 
+Classes are labelled with the data's names for them (the datamodule's `class_names`: e.g.
+Fashion-MNIST's "T-shirt/top" ... "Ankle boot", CIFAR's from its meta file), or with their
+indices when the data has none.
+
 A scheme without a frozen teacher plots its own models: the "teacher" peer in online mode, the
 student alone in baseline and self modes. The PNGs always go to `output_dir`, so a run without W&B
 has them too, and every W&B logger also gets them through `WandbLogger.log_image`.
@@ -75,47 +79,75 @@ def new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def grouped_bars(ax: Any, series: Mapping[str, np.ndarray]) -> None:
+def class_names_of(trainer: Any, classes: int) -> list[str] | None:
+    """The names of the trainer's data's classes (its datamodule's `class_names`), or None when it
+    has none for these `classes` classes."""
+    names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+    return list(names) if names is not None and len(names) == classes else None
+
+
+def class_labels(classes: int, names: Sequence[str] | None = None) -> tuple[list[int], list[str]]:
+    """The labelled tick positions and their labels: every class up to MAX_LABELLED_CLASSES, else
+    every k-th one, so that labels never overlap; each class's name, or its index without names."""
+    ticks = list(range(0, classes, math.ceil(classes / MAX_LABELLED_CLASSES)))
+    return ticks, [names[t] if names is not None else str(t) for t in ticks]
+
+
+def class_ticks(ax: Any, axis: str, classes: int, names: Sequence[str] | None = None) -> None:
+    """Label the x or y axis of `ax` with the classes (see `class_labels`)."""
+    ticks, labels = class_labels(classes, names)
+    if axis == "x":
+        # Names are wider than a class's slot: slanted, each ending under its own tick.
+        rotation = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if names is not None else {}
+        ax.set_xticks(ticks, labels=labels, **rotation)
+    else:
+        ax.set_yticks(ticks, labels=labels, rotation=0)  # torchmetrics slants them; names read better level
+
+
+def grouped_bars(ax: Any, series: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> None:
     """One bar per class for each series, the series side by side within a class."""
     classes = np.arange(len(next(iter(series.values()))))
     width = 0.8 / len(series)
     for k, (label, values) in enumerate(series.items()):
         ax.bar(classes + (k - (len(series) - 1) / 2) * width, values, width, label=label)
-    class_ticks(ax.set_xticks, len(classes))
+    class_ticks(ax, "x", len(classes), names)
     ax.set_xlabel("class")
 
 
-def class_ticks(set_ticks: Any, classes: int) -> None:
-    """Every class's tick up to MAX_LABELLED_CLASSES, else every k-th one, so that labels never overlap."""
-    ticks = range(0, classes, math.ceil(classes / MAX_LABELLED_CLASSES))
-    set_ticks(list(ticks), labels=[str(t) for t in ticks])
-
-
 def soft_targets_figure(
-    probabilities: Tensor, temperatures: Sequence[float], targets: Sequence[int], model: str
+    probabilities: Tensor,
+    temperatures: Sequence[float],
+    targets: Sequence[int],
+    model: str,
+    names: Sequence[str] | None = None,
 ) -> Figure:
     """A bar chart per sample of `probabilities` (T, samples, classes), one series per T."""
     samples = probabilities.shape[1]
     figure = new_figure(4.5 * samples, 3.5)
     axes = figure.subplots(1, samples, squeeze=False, sharey=True)[0]
     for i, ax in enumerate(axes):
-        grouped_bars(ax, {f"T={t:g}": probabilities[k, i].numpy() for k, t in enumerate(temperatures)})
-        ax.set_title(f"test sample {i} (label {targets[i]})")
+        series = {f"T={t:g}": probabilities[k, i].numpy() for k, t in enumerate(temperatures)}
+        grouped_bars(ax, series, names)
+        label = names[targets[i]] if names is not None else targets[i]
+        ax.set_title(f"test sample {i} (label {label})")
     axes[0].set_ylabel("probability")
     axes[0].legend()
     figure.suptitle(f"{model}'s soft targets softmax(z / T)")
     return figure
 
 
-def confusion_figure(metrics: Mapping[str, MulticlassConfusionMatrix]) -> Figure:
+def confusion_figure(
+    metrics: Mapping[str, MulticlassConfusionMatrix], names: Sequence[str] | None = None
+) -> Figure:
     """The confusion matrices side by side, each drawn by torchmetrics' own `plot`."""
     figure = new_figure(6.5 * len(metrics), 6)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for ax, (name, metric) in zip(axes, metrics.items(), strict=True):
         metric.plot(ax=ax, add_text=metric.num_classes <= MAX_LABELLED_CLASSES)
-        if metric.num_classes > MAX_LABELLED_CLASSES:  # torchmetrics labels every class
-            class_ticks(ax.set_xticks, metric.num_classes)
-            class_ticks(ax.set_yticks, metric.num_classes)
+        # torchmetrics labels every class with its index: ours are the names, and fewer past
+        # MAX_LABELLED_CLASSES.
+        class_ticks(ax, "x", metric.num_classes, names)
+        class_ticks(ax, "y", metric.num_classes, names)
         ax.set_title(f"{name} (rows normalised)" if metric.normalize == "true" else name)
     return figure
 
@@ -126,14 +158,15 @@ def per_class_accuracy(matrix: Tensor) -> Tensor:
     return matrix.diagonal()
 
 
-def per_class_accuracy_figure(matrices: Mapping[str, Tensor]) -> Figure:
+def per_class_accuracy_figure(matrices: Mapping[str, Tensor], names: Sequence[str] | None = None) -> Figure:
+    """Each model's accuracy on each class of the test set, the models side by side per class."""
     classes = next(iter(matrices.values())).shape[0]
     figure = new_figure(max(6.0, 0.5 * classes * len(matrices)), 3.5)
     ax = figure.subplots()
-    grouped_bars(ax, {name: per_class_accuracy(m).cpu().numpy() for name, m in matrices.items()})
-    ax.set_ylabel("test accuracy")
+    grouped_bars(ax, {name: per_class_accuracy(m).cpu().numpy() for name, m in matrices.items()}, names)
+    ax.set_ylabel("per-class accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title("per-class accuracy (test)")
+    ax.set_title("per-class accuracy (test set)")
     ax.legend()
     return figure
 
@@ -229,14 +262,15 @@ class PlotsCallback(L.Callback):
         matrices = {name: metric.compute() for name, metric in self.confusion.items()}
         if not trainer.is_global_zero:
             return
+        names = class_names_of(trainer, next(iter(matrices.values())).shape[0])
         figures = {
-            "confusion_matrices": confusion_figure(self.confusion),  # plots the cached compute()
-            "per_class_accuracy": per_class_accuracy_figure(matrices),
+            "confusion_matrices": confusion_figure(self.confusion, names),  # plots the cached compute()
+            "per_class_accuracy": per_class_accuracy_figure(matrices, names),
         }
         if self.sample_logits:
             probabilities = soft_targets(torch.cat(self.sample_logits), self.temperatures)
             figures["soft_targets"] = soft_targets_figure(
-                probabilities, self.temperatures, self.sample_targets, next(iter(matrices))
+                probabilities, self.temperatures, self.sample_targets, next(iter(matrices)), names
             )
         self.publish(trainer, figures)
         self._reset_test()

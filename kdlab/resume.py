@@ -73,6 +73,35 @@ LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 HPC_PATTERN = "hpc_ckpt_*.ckpt"  # Lightning's SLURM checkpoints, in the Trainer's default_root_dir
 
 
+# ------------------------------------------------------------------ a run that has finished
+def finished_run(cfg: DictConfig, run_dir: Path) -> str | None:
+    """If `ckpt_path=last` asks to resume the run in `run_dir` and that run has finished, what to
+    tell the user; else None.
+
+    Finished: it wrote metrics.json, and its newest checkpoint has reached the configured
+    trainer.max_epochs (or max_steps). Such a run is left exactly as it is: resuming it would rerun
+    the test and rewrite its results from a fit that trains nothing. A larger max_epochs resumes it.
+    """
+    metrics = run_dir / "metrics.json"
+    if str(cfg.get("ckpt_path")) != "last" or not metrics.is_file():
+        return None
+    # The default checkpoint folder: this is also asked before Hydra runs, when `callbacks.*.dirpath`
+    # (under the run directory) cannot be resolved yet.
+    checkpoint = run_dir / "checkpoints" / LAST
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps") or -1
+        more_epochs = epochs not in (None, -1) and state.get("epoch", -1) + 1 < int(epochs)
+        more_steps = steps > 0 and state.get("global_step", 0) < int(steps)
+        if more_epochs or more_steps:
+            return None
+    return (
+        f"The run in {run_dir} has already finished (it trained for the configured trainer.max_epochs), "
+        f"so there is nothing to resume, and nothing in it was changed. Its results are in {metrics}. To "
+        "train it for longer, resume it with a larger trainer.max_epochs (and the run's other overrides)."
+    )
+
+
 # ------------------------------------------------------------------ what to resume from
 @dataclass
 class ResumePoint:

@@ -7,8 +7,10 @@ run directory, and returns the metric a sweep optimises (`optimized_metric`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,16 +21,17 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from kdlab import console
 from kdlab.allocator import tune_malloc
 from kdlab.build import (
     build_callbacks,
     build_knowledge,
-    build_model,
     build_scheme,
     build_trainer,
     instantiate,
     scheme_class,
 )
+from kdlab.cli import command_line
 from kdlab.errors import KdlabError
 from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.report import format_table, log_table, model_rows, write_metrics
@@ -38,6 +41,7 @@ from kdlab.resume import (
     RunRecord,
     check_teacher,
     continue_csv_logs,
+    finished_run,
     logger_config,
     preempted,
     resume_point,
@@ -45,12 +49,12 @@ from kdlab.resume import (
 )
 from kdlab.sweeps import run_or_record_failure
 from kdlab.teacher_cache import cache_callback
-from kdlab.teachers import obtain_generations, obtain_teacher, record_dict
+from kdlab.teachers import TeacherStore, record_dict
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per fit: nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = "pkg://kdlab.conf"  # the top-level conf/, installed as kdlab.conf (see pyproject.toml)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -61,6 +65,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("tune_malloc"):
         tune_malloc()
     output_dir = Path(cfg.paths.output_dir)
+    if notice := finished_run(cfg, output_dir):
+        print(notice)
+        return json.loads((output_dir / "metrics.json").read_text())
     output_dir.mkdir(parents=True, exist_ok=True)
     # Resolved before the loggers exist: a run resumed in place continues its W&B run and CSV file.
     start = resume_point(cfg, output_dir)
@@ -83,34 +90,20 @@ def _train(
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     knowledge = build_knowledge(cfg)  # before any teacher training: bad options fail fast
-    record, sources = None, {}
-    role = scheme_class(cfg).teacher_role
-    if role == "pretrained":
-        sources["teacher"], record = obtain_teacher(cfg, datamodule)
+    # The scheme obtains what it learns from: a frozen teacher, generations, fresh peers, or nothing.
+    sources = scheme_class(cfg).sources_for(cfg, datamodule, TeacherStore(cfg.teacher_training.store))
+    record, teacher = sources.frozen, None
+    if record is not None:
         # Re-seed: the student's init must not depend on whether the teacher was just trained.
         L.seed_everything(cfg.seed, workers=True)
-    elif role == "generations":
-        sources["teacher"], sources["earlier"], records = obtain_generations(cfg, datamodule)
-        record = records[-1]
-        L.seed_everything(cfg.seed, workers=True)
-    elif role == "peer":
-        sources["teacher"] = build_model(cfg.teacher)  # a fresh, trainable peer
-    elif cfg.get("knowledge"):
-        log.info(
-            "mode=%s trains with the task loss only; knowledge=%s is not used.",
-            cfg.mode._target_.rsplit(".", 1)[-1],
-            list(cfg.knowledge),
-        )
-    # The frozen teacher's identity goes into every checkpoint; a resume must use the same one.
-    teacher, architecture = None, cfg.student if role == "generations" else cfg.teacher
-    if record is not None:
-        teacher = teacher_identity(record, sources["teacher"], architecture.name)
+        # The frozen teacher's identity goes into every checkpoint; a resume must use the same one.
+        teacher = teacher_identity(record, sources.modules["teacher"], sources.frozen_config.name)
     check_teacher(start, teacher)
-    scheme = build_scheme(cfg, datamodule, knowledge, **sources)
+    scheme = build_scheme(cfg, datamodule, knowledge, sources.modules)
     # Seeding per epoch and the run record are part of every run, whatever `callbacks=` holds.
     callbacks = [*build_callbacks(cfg), EpochSeed(cfg.seed), RunRecord(teacher)]
     if record is not None:  # a frozen teacher: its outputs may come from the cache
-        cache = cache_callback(cfg, scheme, datamodule, teacher["sha256"], architecture)
+        cache = cache_callback(cfg, scheme, datamodule, teacher["sha256"], sources.frozen_config)
         if cache is not None:
             callbacks.append(cache)
     trainer = build_trainer(cfg, logger=loggers, callbacks=callbacks)
@@ -123,7 +116,8 @@ def _train(
     metrics = _floats(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
     # By path: "best" would make Lightning warn that more than one ModelCheckpoint is configured.
-    trainer.test(scheme, datamodule=datamodule, ckpt_path=best or None)
+    # verbose=False: kdlab prints the results table itself, Lightning's would repeat it.
+    trainer.test(scheme, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics.update(_floats(trainer.callback_metrics))
 
     student_file = output_dir / "student.pt"  # loadable with student.checkpoint= or teacher.checkpoint=
@@ -132,16 +126,13 @@ def _train(
             {"state_dict": scheme.deployable().state_dict(), "architecture": cfg.student.name}, student_file
         )
 
-    architectures = {"student": cfg.student.name, "teacher": cfg.teacher.name}
-    architectures.update({f"peer{i + 3}": name for i, name in enumerate(cfg.mode.get("extra_peers") or [])})
-    if role == "generations":  # every generation has the student's architecture
-        architectures.update({name: cfg.student.name for name in ("teacher", *sources["earlier"])})
+    architectures = {"student": cfg.student.name, **sources.architectures}
     # Entries tested without a module of their own (an ensemble, exits) get rows too.
     extra = [name for name in scheme.test_metrics if name not in scheme.models()]
     rows = model_rows(scheme.models(), architectures, metrics, extra)
     results = {
         "run_dir": str(output_dir),
-        "mode": cfg.mode._target_.rsplit(".", 1)[-1].lower(),
+        "mode": scheme.name,
         "knowledge": list(scheme.templates),
         "teacher": record_dict(record),
         "checkpoint": best or None,
@@ -174,10 +165,20 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="run")
-def main(cfg: DictConfig) -> float | None:
+CONFIG_NAME = "run"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
+def hydra_main(cfg: DictConfig) -> float | None:
+    console.setup(cfg)  # progress, results and warnings on the console; the rest in run.log
     # In a multirun, one failing job must not cost the other jobs' results (see kdlab.sweeps).
     return run_or_record_failure(lambda: train(cfg)["optimized_metric"]["value"])
+
+
+def main() -> None:
+    """The `kdlab` command: the command line is checked and rewritten first (kdlab/cli.py)."""
+    sys.argv = command_line(sys.argv, hydra_main, CONFIG_DIR, CONFIG_NAME)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -44,15 +44,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from kdlab.data.datasets import collate
 from kdlab.errors import KdlabError
+from kdlab.store import build_once, content_key, save_atomic
 from kdlab.taps import FeatureTap, Outputs
-from kdlab.teachers import save_atomic, spec_key
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ def plan(
         return CachePlan(None, reason)
     spec = cache_spec(architecture, datamodule, weights, tap.layers)
     name = str(architecture.get("name", "teacher")).replace("/", "_")
-    entry = Path(cfg.teacher_cache.dir).expanduser() / f"{name}-{spec_key(spec)}"
+    entry = Path(cfg.teacher_cache.dir).expanduser() / f"{name}-{content_key(spec)}"
     build_cost, run_cost = datamodule.train_split_size, planned_teacher_samples(cfg.trainer, datamodule)
     if setting == "auto" and not (entry / OUTPUTS).exists() and run_cost < build_cost:
         reason = (
@@ -236,28 +235,30 @@ def load_or_build(
     entry: Path, forward: Callable[[Tensor], Outputs], datamodule: Any, device: torch.device, batch_size: int
 ) -> TeacherOutputs:
     """The entry's outputs: read, or computed and stored first (one process builds; the rest wait)."""
-    entry.mkdir(parents=True, exist_ok=True)
     path = entry / OUTPUTS
-    with FileLock(f"{entry}.lock"):
-        if not path.exists():
-            for leftover in entry.glob(".*.tmp"):  # from a build that was killed
-                leftover.unlink()
-            log.info(
-                "Computing the teacher's outputs once for %d samples into %s",
-                len(datamodule.train_set.dataset),
-                entry,
-            )
-            outputs = compute(forward, datamodule, device, batch_size)
-            state = {"logits": outputs.logits, "feats": outputs.feats}
-            save_atomic(lambda p: torch.save(state, p), path)
+
+    def build(entry: Path) -> None:
+        log.info(
+            "Computing the teacher's outputs once for %d samples into %s",
+            len(datamodule.train_set.dataset),
+            entry,
+        )
+        outputs = compute(forward, datamodule, device, batch_size)
+        state = {"logits": outputs.logits, "feats": outputs.feats}
+        save_atomic(lambda p: torch.save(state, p), path)
+
+    build_once(entry, OUTPUTS, build, "computing the teacher's outputs for the cache")
     try:
         # mmap: ranks and concurrent jobs on one machine share the pages instead of each holding a copy.
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(state, dict) or not {"logits", "feats"} <= set(state):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"it holds {found}, not the logits and feats kdlab writes")
     except Exception as error:
         raise KdlabError(
-            f"The cached teacher outputs in {path} cannot be read ({error}). Delete that folder and "
+            f"The cached teacher outputs in {path} cannot be read ({error}). Delete the folder {entry} and "
             "rerun: the outputs are recomputed from the teacher."
-        ) from error
+        ) from None
     outputs = TeacherOutputs(state["logits"], state["feats"])
     expected = len(datamodule.train_set.dataset)
     if len(outputs.logits) != expected:

@@ -11,7 +11,6 @@ while storing a teacher leaves nothing that a later run would mistake for a teac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,14 +22,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from kdlab.build import build_knowledge, build_model, build_trainer, optimisation
+from kdlab.build import build_knowledge, build_model, build_scheme, build_trainer
 from kdlab.errors import KdlabError
 from kdlab.loggers import CSVLogger
-from kdlab.schemes import Baseline, Offline
+from kdlab.store import build_once, content_key, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +52,8 @@ TRAINING_ARGS = (
 SINGLE_PROCESS = {"strategy": "auto", "devices": 1, "num_nodes": 1, "sync_batchnorm": False}
 # Data arguments that say where the data is or how fast it loads, not what it is.
 DATA_LOCATION_ARGS = ("root", "num_workers", "pin_memory", "download", "download_dir", "precompute_inputs")
+# The schemes a teacher is trained with: alone, or (a Born-Again generation) from its predecessor.
+BASELINE, OFFLINE = "kdlab.schemes.Baseline", "kdlab.schemes.Offline"
 
 
 @dataclass
@@ -85,48 +85,116 @@ def teacher_spec(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def spec_key(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def save_atomic(write: Callable[[Path], None], path: Path) -> None:
-    """Write through a temporary file and rename it, so `path` is whole or absent."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class TeacherStore:
-    """Teachers on disk under `root`, one directory per spec: `<model>-<key>/teacher.pt`."""
+    """Teachers on disk under `root`, one directory per spec: `<model>-<key>/teacher.pt`.
+
+    Schemes ask it for what they learn from (`Scheme.sources_for`): the frozen teacher of offline
+    distillation (`frozen_teacher`) and Born-Again's chain of generations (`generations`).
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
 
     def entry(self, spec: dict[str, Any]) -> Path:
-        return self.root / f"{spec['model'].get('name', 'model').replace('/', '_')}-{spec_key(spec)}"
+        return self.root / f"{spec['model'].get('name', 'model').replace('/', '_')}-{content_key(spec)}"
 
     def fetch_or_train(
         self, spec: dict[str, Any], train: Callable[[Path], tuple[dict, dict]]
     ) -> TeacherRecord:
-        """The stored teacher for `spec`, training and storing it first if there is none."""
+        """The stored teacher for `spec`, training and storing it first if there is none.
+
+        Weights that are not all finite are refused: a diverged teacher is never stored, so a
+        later run cannot reuse it.
+        """
         entry = self.entry(spec)
-        entry.mkdir(parents=True, exist_ok=True)
-        key = spec_key(spec)
-        with FileLock(f"{entry}.lock"):
-            weights = entry / WEIGHTS
-            if weights.exists():
-                return TeacherRecord("store", str(weights), key)
-            for leftover in entry.glob(".*.tmp"):  # from a run killed while storing
-                leftover.unlink()
+
+        def train_and_store(entry: Path) -> None:
             state_dict, metrics = train(entry)
+            refuse_nonfinite(state_dict, spec["model"].get("name", "teacher"))
             meta = {"spec": spec, "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             save_atomic(lambda p: p.write_text(json.dumps(meta, indent=2)), entry / "meta.json")
             # The weights go last: their presence is what marks the entry complete.
-            save_atomic(lambda p: torch.save({"state_dict": state_dict, **meta}, p), weights)
-            return TeacherRecord("trained", str(weights), key)
+            save_atomic(lambda p: torch.save({"state_dict": state_dict, **meta}, p), entry / WEIGHTS)
+
+        built = build_once(entry, WEIGHTS, train_and_store, f"training the teacher {entry.name}")
+        return TeacherRecord("trained" if built else "store", str(entry / WEIGHTS), content_key(spec))
+
+    def frozen_teacher(
+        self, cfg: DictConfig, datamodule: L.LightningDataModule
+    ) -> tuple[nn.Module, TeacherRecord]:
+        """The frozen teacher of offline distillation: `teacher.checkpoint`, else the stored one
+        for this configuration, trained first if there is none."""
+        if cfg.teacher.get("checkpoint"):
+            record = TeacherRecord("checkpoint", str(Path(cfg.teacher.checkpoint).expanduser()))
+        else:
+            record = self.fetch_or_train(
+                teacher_spec(cfg), lambda entry: train_teacher(cfg, datamodule, entry)
+            )
+        log.info("Teacher %s: %s from %s", cfg.teacher.name, record.source, record.path)
+        return build_model(cfg.teacher, checkpoint=record.path), record
+
+    def generations(
+        self, cfg: DictConfig, datamodule: L.LightningDataModule, count: int
+    ) -> tuple[nn.Module, dict[str, nn.Module], TeacherRecord]:
+        """Born-Again: generations 0..count-1 of the student's architecture, each from the store.
+
+        Generation 0 is the architecture trained alone; generation k distils from k-1 with the
+        configured knowledge. Each is stored under a key that includes its teacher's key, so a run
+        interrupted mid-chain resumes at the first generation not yet stored. Returns generation
+        count-1 (the teacher of the run's student, generation `count`), the earlier ones by name
+        (gen0, gen1, ...), and the record of the last one.
+        """
+        if count < 1:
+            raise KdlabError(
+                f"mode.generations={count}: Born-Again needs at least one earlier generation to distil "
+                "from. Set mode.generations=K (K >= 1; the run trains generation K from generation K-1)."
+            )
+        chain_cfg = cfg.copy()
+        with open_dict(chain_cfg):
+            chain_cfg.teacher = cfg.student  # every generation has the student's architecture
+        base = teacher_spec(chain_cfg)
+        generations: dict[str, nn.Module] = {}
+        record: TeacherRecord | None = None
+        for k in range(count):
+            name, previous = f"gen{k}", generations.get(f"gen{k - 1}")
+            spec = base
+            if k > 0:
+                spec = {
+                    **base,
+                    "born_again": {
+                        "generation": k,
+                        "teacher": record.key,
+                        "knowledge": OmegaConf.to_container(cfg.knowledge, resolve=True),
+                        "task_weight": cfg.mode.get("task_weight"),
+                    },
+                }
+            record = self.fetch_or_train(
+                spec,
+                lambda entry, previous=previous, k=k, name=name: train_teacher(
+                    chain_cfg, datamodule, entry, source=previous, name=name, seed_offset=k
+                ),
+            )
+            log.info("Born-Again %s: %s from %s", name, record.source, record.path)
+            generations[name] = (
+                build_model(chain_cfg.teacher, checkpoint=record.path).eval().requires_grad_(False)
+            )
+        teacher = generations.pop(f"gen{count - 1}")
+        return teacher, generations, record
+
+
+def refuse_nonfinite(state_dict: dict[str, torch.Tensor], model: str) -> None:
+    """Raise a KdlabError if any floating-point tensor of `state_dict` holds NaN or infinity."""
+    bad = [
+        name
+        for name, tensor in state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise KdlabError(
+            f"The trained teacher {model} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}), so it "
+            "is not stored: its training diverged. Lower the teacher's learning rate "
+            "(teacher_training.optimizer.lr, which follows optimizer.lr) or check the data, then rerun."
+        )
 
 
 def train_teacher(
@@ -145,23 +213,22 @@ def train_teacher(
     log.info("No stored %s for this configuration: training %s first (%s)", name, cfg.teacher.name, entry)
     L.seed_everything(cfg.seed + seed_offset, workers=True)
     model = build_model(cfg.teacher, checkpoint=None)
-    common = {
-        "student": model,
-        "num_classes": datamodule.num_classes,
-        "input_shape": tuple(datamodule.input_shape),
-        "model_name": name,
-        **optimisation(cfg, cfg.teacher_training.optimizer),
-    }
+    # Through the one scheme builder: the baseline scheme alone, or offline KD from `source`.
     if source is None:
-        scheme = Baseline(**common)
+        mode, knowledge, sources = OmegaConf.create({"_target_": BASELINE}), None, {}
     else:
-        scheme = Offline(
-            teacher=source,
-            knowledge=build_knowledge(cfg),
-            num_samples=datamodule.train_split_size,
-            task_weight=cfg.mode.get("task_weight"),
-            **common,
-        )
+        mode = OmegaConf.create({"_target_": OFFLINE, "task_weight": cfg.mode.get("task_weight")})
+        knowledge, sources = build_knowledge(cfg), {"teacher": source}
+    scheme = build_scheme(
+        cfg,
+        datamodule,
+        knowledge,
+        sources,
+        mode=mode,
+        student=model,
+        optimizer_overrides=cfg.teacher_training.optimizer,
+        model_name=name,
+    )
     trainer = build_trainer(
         cfg,
         OmegaConf.merge(SINGLE_PROCESS, cfg.teacher_training.trainer),
@@ -175,67 +242,6 @@ def train_teacher(
     datamodule.trainer = None
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     return model.state_dict(), metrics
-
-
-def obtain_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[nn.Module, TeacherRecord]:
-    """The frozen teacher for offline distillation: from `teacher.checkpoint`, the store, or trained."""
-    if cfg.teacher.get("checkpoint"):
-        record = TeacherRecord("checkpoint", str(Path(cfg.teacher.checkpoint).expanduser()))
-    else:
-        store = TeacherStore(cfg.teacher_training.store)
-        record = store.fetch_or_train(teacher_spec(cfg), lambda entry: train_teacher(cfg, datamodule, entry))
-    log.info("Teacher %s: %s from %s", cfg.teacher.name, record.source, record.path)
-    return build_model(cfg.teacher, checkpoint=record.path), record
-
-
-def obtain_generations(
-    cfg: DictConfig, datamodule: L.LightningDataModule
-) -> tuple[nn.Module, dict[str, nn.Module], list[TeacherRecord]]:
-    """Born-Again: generations 0..K-1 of the student's architecture, each from the store.
-
-    Generation 0 is the architecture trained alone; generation k distils from k-1 with the
-    configured knowledge. Each is stored under a key that includes its teacher's key, so a run
-    interrupted mid-chain resumes at the first generation not yet stored. Returns generation
-    K-1 (the teacher of the run's student, generation K), the earlier ones, and their records.
-    """
-    count = int(cfg.mode.get("generations", 0))
-    if count < 1:
-        raise KdlabError(
-            f"mode.generations={count}: Born-Again needs at least one earlier generation to distil "
-            "from. Set mode.generations=K (K >= 1; the run trains generation K from generation K-1)."
-        )
-    chain_cfg = cfg.copy()
-    with open_dict(chain_cfg):
-        chain_cfg.teacher = cfg.student  # every generation has the student's architecture
-    store, base = TeacherStore(cfg.teacher_training.store), teacher_spec(chain_cfg)
-    generations: dict[str, nn.Module] = {}
-    records: list[TeacherRecord] = []
-    for k in range(count):
-        name, previous = f"gen{k}", generations.get(f"gen{k - 1}")
-        spec = base
-        if k > 0:
-            spec = {
-                **base,
-                "born_again": {
-                    "generation": k,
-                    "teacher": records[-1].key,
-                    "knowledge": OmegaConf.to_container(cfg.knowledge, resolve=True),
-                    "task_weight": cfg.mode.get("task_weight"),
-                },
-            }
-        record = store.fetch_or_train(
-            spec,
-            lambda entry, previous=previous, k=k, name=name: train_teacher(
-                chain_cfg, datamodule, entry, source=previous, name=name, seed_offset=k
-            ),
-        )
-        log.info("Born-Again %s: %s from %s", name, record.source, record.path)
-        generations[name] = (
-            build_model(chain_cfg.teacher, checkpoint=record.path).eval().requires_grad_(False)
-        )
-        records.append(record)
-    teacher = generations.pop(f"gen{count - 1}")
-    return teacher, generations, records
 
 
 def record_dict(record: TeacherRecord | None) -> dict[str, Any] | None:

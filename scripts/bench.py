@@ -54,7 +54,7 @@ from kdlab.build import (  # noqa: E402
 )
 from kdlab.resume import teacher_identity  # noqa: E402
 from kdlab.teacher_cache import OUTPUTS, cache_callback, load_or_build  # noqa: E402
-from kdlab.teachers import TeacherRecord  # noqa: E402
+from kdlab.teachers import TeacherStore  # noqa: E402
 
 GOALS = {"b/a": ("offline KD vs hand-written KD", ">=", 0.95), "c/d": ("cached KD vs student CE", ">=", 0.90)}
 GOALS["e/(ce_t+ce_s)"] = ("online DML vs the peers' CE steps", "<=", 1.05)
@@ -90,6 +90,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         f"data.val_size={args.val_size}",
         f"paths.output_dir={args.workdir / 'run'}",
         f"paths.teacher_store={args.workdir / 'teachers'}",
+        f"teacher.checkpoint={teacher_file(args)}",
         "hydra.run.dir=.",
     ]
 
@@ -128,19 +129,33 @@ def synchronize() -> None:
 
 
 # ------------------------------------------------------------------------------ kdlab runs
-def kdlab_rate(args, datamodule, overrides: list[str], cached: bool = False) -> float:
+def write_seeded_teacher(args) -> None:
+    """The teacher every variant uses (`teacher.checkpoint`): the seeded initialisation, so kdlab's
+    schemes obtain it as a user's run does (`sources_for`), with the hand-written loops' weights."""
+    cfg = compose_cfg([o for o in common_overrides(args) if not o.startswith("teacher.checkpoint")])
+    torch.save({"state_dict": seeded_model(cfg, "teacher", 0).state_dict()}, teacher_file(args))
+
+
+def teacher_file(args) -> Path:
+    return args.workdir / "seeded_teacher.pt"
+
+
+def kdlab_scheme(args, datamodule, overrides: list[str]):
+    """The scheme of `overrides` with its sources, obtained the way kdlab.run obtains them."""
     cfg = compose_cfg([*common_overrides(args), *overrides])
     knowledge = build_knowledge(cfg)
-    role = scheme_class(cfg).teacher_role  # a frozen teacher, a trained peer, or none
-    sources = {"teacher": seeded_model(cfg, "teacher", 0)} if role in ("pretrained", "peer") else {}
+    sources = scheme_class(cfg).sources_for(cfg, datamodule, TeacherStore(cfg.teacher_training.store))
     torch.manual_seed(1)
-    scheme = build_scheme(cfg, datamodule, knowledge, **sources)
+    return cfg, sources, build_scheme(cfg, datamodule, knowledge, sources.modules)
+
+
+def kdlab_rate(args, datamodule, overrides: list[str], cached: bool = False) -> float:
+    cfg, sources, scheme = kdlab_scheme(args, datamodule, overrides)
     timer = Throughput(args.warmup, args.batch_size)
     callbacks = [timer]
     if cached:
-        record = TeacherRecord("checkpoint", "bench: seeded initialisation")
-        weights = teacher_identity(record, sources["teacher"], cfg.teacher.name)["sha256"]
-        callbacks.append(cache_callback(cfg, scheme, datamodule, weights, cfg.teacher))
+        weights = teacher_identity(sources.frozen, sources.modules["teacher"], cfg.teacher.name)["sha256"]
+        callbacks.append(cache_callback(cfg, scheme, datamodule, weights, sources.frozen_config))
     trainer = build_trainer(cfg, logger=False, callbacks=callbacks)
     trainer.fit(scheme, datamodule=datamodule)
     datamodule.trainer = None
@@ -150,13 +165,11 @@ def kdlab_rate(args, datamodule, overrides: list[str], cached: bool = False) -> 
 def build_cache(args, datamodule) -> float:
     """Build the cache entry (c) reads, once; returns the seconds it took (0 when it existed)."""
     start = time.perf_counter()
-    cfg = compose_cfg(
-        [*common_overrides(args), "teacher_cache.enabled=true", "trainer.limit_train_batches=1"]
+    cfg, sources, scheme = kdlab_scheme(
+        args, datamodule, ["teacher_cache.enabled=true", "trainer.limit_train_batches=1"]
     )
-    teacher = seeded_model(cfg, "teacher", 0)
-    scheme = build_scheme(cfg, datamodule, build_knowledge(cfg), teacher=teacher)
-    weights = teacher_identity(TeacherRecord("checkpoint", "bench"), teacher, cfg.teacher.name)["sha256"]
-    entry = cache_callback(cfg, scheme, datamodule, weights, cfg.teacher).entry
+    weights = teacher_identity(sources.frozen, sources.modules["teacher"], cfg.teacher.name)["sha256"]
+    entry = cache_callback(cfg, scheme, datamodule, weights, sources.frozen_config).entry
     existed = (entry / OUTPUTS).exists()
     load_or_build(entry, scheme.to(device(args)).teacher_forward, datamodule, device(args), args.batch_size)
     return 0.0 if existed else time.perf_counter() - start
@@ -312,6 +325,8 @@ def main() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning's per-fit banners
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    write_seeded_teacher(args)
     cfg = compose_cfg(common_overrides(args))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

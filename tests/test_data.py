@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
+from torchvision import datasets
 from torchvision.transforms import v2
 
 from kdlab.data import (
@@ -391,6 +392,38 @@ def test_corrupt_cifar_pickle_is_reported(tmp_path):
         make(CIFAR10DataModule, tmp_path, tmp_path).setup("fit")
 
 
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.mark.parametrize("cls", [CIFAR10DataModule, CIFAR100DataModule])
+def test_cifar_class_names_come_from_the_meta_file(tmp_path, cls, caplog):
+    hundred = cls is CIFAR100DataModule
+    batches = write_cifar(tmp_path / cls.batches_folder, hundred)
+    # Without the meta file (the batches alone train fine): the indices.
+    assert make(cls, tmp_path, tmp_path).class_names == [str(i) for i in range(cls.facts["num_classes"])]
+    # The archives' meta pickles, written by Python 2: names as bytes, beside other keys.
+    names = [f"fine{i}" for i in range(100)] if hundred else CIFAR10_NAMES
+    meta = {cls.names_key: [n.encode() for n in names], b"num_cases_per_batch": 10000}
+    if hundred:
+        meta[b"coarse_label_names"] = [f"coarse{i}".encode() for i in range(20)]
+    (batches / cls.meta_file).write_bytes(pickle.dumps(meta, protocol=2))
+    assert make(cls, tmp_path, tmp_path).class_names == names
+    # Names only label figures: a damaged or mismatched meta file is a warning, not a failed run.
+    (batches / cls.meta_file).write_bytes(b"\x80\x04not a pickle")
+    assert make(cls, tmp_path, tmp_path).class_names[:2] == ["0", "1"]
+    (batches / cls.meta_file).write_bytes(pickle.dumps({cls.names_key: [b"a", b"b"]}))
+    assert make(cls, tmp_path, tmp_path).class_names[:2] == ["0", "1"]
+    assert "Could not read the class names" in caplog.text and "names 2 classes" in caplog.text
+
+
+def test_fashion_mnist_and_mnist_class_names():
+    # Fashion-MNIST's documented names, in label order (torchvision keeps the same list).
+    fashion = FashionMNISTDataModule(download=False).class_names
+    assert fashion == datasets.FashionMNIST.classes
+    assert fashion[0] == "T-shirt/top" and fashion[9] == "Ankle boot"
+    assert MNISTDataModule(download=False).class_names == [str(d) for d in range(10)]
+
+
 # -- ImageFolder ------------------------------------------------------------------------------
 
 
@@ -419,6 +452,8 @@ def test_imagefolder_data_module(tmp_path):
             assert path.parts[-3] == split
             assert torch.all(pix == torch.tensor(colour(split, cls, j)).view(3, 1, 1))
     assert len(dm.train_set) + len(dm.val_set) == 12 and len(dm.test_set) == 12
+    # The class folders name the classes, in the order of the class indices.
+    assert dm.class_names == list(IMAGEFOLDER_CLASSES) == dm.test_set.base.classes
 
 
 def test_imagefolder_checks(tmp_path):

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kdlab.distributed import first_occurrences, gather_rows, mean_across_processes
-from kdlab.knowledge import CRD
+from kdlab.knowledge import CRD, LossContext
 from kdlab.schemes.pskd_bank import PredictionBank
 from kdlab.taps import Outputs
 
@@ -46,10 +46,10 @@ def rank_slice(step: int, rank: int) -> slice:
 def built_banks() -> tuple[CRD, PredictionBank]:
     torch.manual_seed(0)  # the CRD banks start random: the same start in every process
     crd = CRD(feat_dim=DIM, num_negatives=8)
-    crd.num_samples = SAMPLES
     crd.build(
         Outputs(torch.zeros(2, CLASSES), {"embedding": torch.zeros(2, 6)}),
         Outputs(torch.zeros(2, CLASSES), {"embedding": torch.zeros(2, 5)}),
+        LossContext(num_samples=SAMPLES),
     )
     return crd, PredictionBank(SAMPLES, CLASSES)
 

@@ -99,10 +99,11 @@ def test_experiment_trains_teacher_then_distils(name, tmp_path, tiny_cifar100):
 
 
 def test_both_resnet32x4_pairs_share_one_stored_teacher(tmp_path):
-    from kdlab.teachers import spec_key, teacher_spec
+    from kdlab.store import content_key
+    from kdlab.teachers import teacher_spec
 
     keys = {
-        spec_key(
+        content_key(
             teacher_spec(compose_config([f"experiment=cifar100/{name}", f"paths.output_dir={tmp_path}"]))
         )
         for name in ("resnet32x4_resnet8x4", "resnet32x4_shufflev2")

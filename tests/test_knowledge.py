@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge import DIST, DKD, KD
+from kdlab.knowledge import DIST, DKD, KD, LossContext
 from kdlab.taps import Outputs
 
 
@@ -102,13 +102,20 @@ def test_dkd_recovers_kd_with_the_papers_weights():
     )
 
 
-def test_dkd_warms_up_linearly_from_the_epoch_the_scheme_sets():
+def test_dkd_warms_up_linearly_from_the_epoch_in_its_context():
     tckd, nckd = dkd_by_hand()
     dkd = DKD(alpha=1, beta=8, temperature=1, warmup_epochs=20)
     args = (out([[0.0, 0.0, 0.0]]), out([[0.0, math.log(3), 0.0]]), {"target": torch.tensor([0])})
     for epoch, factor in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (100, 1.0)):
-        dkd.epoch = epoch
-        assert dkd(*args).item() == pytest.approx(factor * (tckd + 8 * nckd), rel=1e-9)
+        context = LossContext(epoch=epoch, max_epochs=200)
+        assert dkd(*args, context).item() == pytest.approx(factor * (tckd + 8 * nckd), rel=1e-9)
+
+
+def test_dkd_alone_without_a_context_says_it_needs_the_epoch():
+    # Used outside a scheme, DKD must not silently stay at epoch 0 of its warm-up.
+    dkd = DKD(warmup_epochs=20, name="my_dkd")
+    with pytest.raises(KdlabError, match=r"knowledge.my_dkd \(DKD\) ramps .* needs the run's epoch"):
+        dkd(out([[0.0, 1.0]]), out([[1.0, 0.0]]), {"target": torch.tensor([0])})
 
 
 def test_dkd_is_zero_when_student_equals_teacher():

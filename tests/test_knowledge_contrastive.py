@@ -9,17 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge import CRD
+from kdlab.knowledge import CRD, LossContext
 from kdlab.knowledge.contrastive import nce_loss
 from kdlab.taps import Outputs
 
 
 def built_crd(num_samples=50, s_dim=6, t_dim=10, **kwargs) -> CRD:
     crd = CRD(feat_dim=4, num_negatives=8, **kwargs)
-    crd.num_samples = num_samples
     crd.build(
         Outputs(torch.zeros(2, 3), {"embedding": torch.zeros(2, s_dim, 1, 1)}),
         Outputs(torch.zeros(2, 3), {"embedding": torch.zeros(2, t_dim, 1, 1)}),
+        LossContext(num_samples=num_samples),
     )
     return crd
 

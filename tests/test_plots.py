@@ -11,8 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from kdlab.data import FashionMNISTDataModule, MNISTDataModule
 from kdlab.errors import KdlabError
-from kdlab.plots import PlotsCallback, per_class_accuracy, plotted_models, soft_targets
+from kdlab.plots import PlotsCallback, class_labels, per_class_accuracy, plotted_models, soft_targets
 from kdlab.run import train
 from tests.conftest import compose_config, fast_overrides
 
@@ -68,6 +69,78 @@ def test_test_figures_read_the_first_samples_and_count_every_batch(tmp_path):
     callback.on_test_epoch_end(fake_trainer(), None)
     for name in TEST_FIGURES:
         assert (tmp_path / "plots" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+def test_class_labels_are_the_names_or_the_indices():
+    names = [f"class {i}" for i in range(100)]
+    assert class_labels(10, names[:10]) == (list(range(10)), names[:10])
+    assert class_labels(3) == ([0, 1, 2], ["0", "1", "2"])
+    # Past MAX_LABELLED_CLASSES (20), every k-th class is labelled, by its own name.
+    ticks, labels = class_labels(100, names)
+    assert ticks == list(range(0, 100, 5)) and labels == [names[t] for t in ticks]
+
+
+def tick_labels(ax, axis: str) -> list[str]:
+    return [label.get_text() for label in getattr(ax, f"get_{axis}ticklabels")()]
+
+
+def test_figures_name_the_classes_of_the_data(tmp_path, monkeypatch):
+    """The test figures' class ticks carry the datamodule's class names (Fashion-MNIST's here)."""
+    callback = PlotsCallback(tmp_path / "plots", temperatures=[1, 2], num_samples=2)
+    drawn = {}
+    monkeypatch.setattr(callback, "publish", lambda trainer, figures: drawn.update(figures))
+    # The datamodule as a run has it: built from its config, no data read for the names.
+    trainer = fake_trainer(datamodule=FashionMNISTDataModule(download=False))
+    targets = torch.arange(10)
+    callback.on_test_epoch_start(trainer, None)
+    outputs = {"teacher": torch.eye(10) * 5, "student": torch.eye(10)[targets.roll(1)] * 5}
+    callback.on_test_batch_end(trainer, None, outputs, {"target": targets}, 0)
+    callback.on_test_epoch_end(trainer, None)
+
+    confusion = [ax for ax in drawn["confusion_matrices"].axes if ax.get_title()]
+    assert [ax.get_title() for ax in confusion] == ["teacher (rows normalised)", "student (rows normalised)"]
+    for ax in confusion:
+        assert tick_labels(ax, "x") == FASHION_MNIST_CLASSES  # predicted class
+        assert tick_labels(ax, "y") == FASHION_MNIST_CLASSES  # true class
+    (accuracy,) = drawn["per_class_accuracy"].axes
+    assert tick_labels(accuracy, "x") == FASHION_MNIST_CLASSES
+    assert "per-class accuracy" in accuracy.get_ylabel() and "per-class accuracy" in accuracy.get_title()
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["teacher", "student"]
+    soft = drawn["soft_targets"].axes
+    assert [ax.get_title() for ax in soft] == [
+        "test sample 0 (label T-shirt/top)",
+        "test sample 1 (label Trouser)",
+    ]
+    assert tick_labels(soft[0], "x") == FASHION_MNIST_CLASSES
+
+
+def test_digits_and_data_without_names_are_labelled_by_index(tmp_path, monkeypatch):
+    digits = [str(d) for d in range(10)]
+    assert MNISTDataModule(download=False).class_names == digits
+    for datamodule in (MNISTDataModule(download=False), None):  # None: a trainer without a datamodule
+        callback = PlotsCallback(tmp_path / "plots", num_samples=1)
+        drawn = {}
+        monkeypatch.setattr(callback, "publish", lambda trainer, figures, drawn=drawn: drawn.update(figures))
+        trainer = fake_trainer(datamodule=datamodule)
+        callback.on_test_epoch_start(trainer, None)
+        callback.on_test_batch_end(trainer, None, {"student": torch.eye(10)}, {"target": torch.arange(10)}, 0)
+        callback.on_test_epoch_end(trainer, None)
+        (accuracy,) = drawn["per_class_accuracy"].axes
+        assert tick_labels(accuracy, "x") == digits
 
 
 def test_agreement_is_recorded_per_training_epoch_only(tmp_path):

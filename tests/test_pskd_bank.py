@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -65,46 +63,6 @@ def test_alpha_ramps_linearly_from_zero_to_alpha_T():
     assert alpha(3, 4, 0.0) == 0.0 and alpha(3, 4, 1.0) == 1.0
 
 
-def test_soft_targets_by_hand_for_three_classes():
-    bank = PredictionBank(num_samples=6, num_classes=3)
-    bank.store(torch.tensor([2]), torch.tensor([[0.5, 0.3, 0.2]]), epoch=0)
-    targets = bank.soft_targets(torch.tensor([2, 4]), torch.tensor([1, 0]), 3, epoch=1, alpha=0.4)
-    # Sample 2, label 1: 0.6 * [0, 1, 0] + 0.4 * [0.5, 0.3, 0.2] = [0.2, 0.72, 0.08].
-    # Sample 4 was never stored: the plain one-hot [1, 0, 0], not 0.6 * one-hot.
-    expected = torch.tensor([[0.2, 0.72, 0.08], [1.0, 0.0, 0.0]])
-    assert torch.allclose(targets, expected, atol=1e-6)
-    assert torch.allclose(targets.sum(1), torch.ones(2))
-
-
-def test_first_epoch_targets_are_one_hot_even_after_store():
-    bank = PredictionBank(num_samples=4, num_classes=3)
-    index, labels = torch.tensor([0, 1]), torch.tensor([2, 0])
-    bank.store(index, torch.full((2, 3), 1 / 3), epoch=0)
-    targets = bank.soft_targets(index, labels, 3, epoch=0, alpha=0.5)
-    assert torch.equal(targets, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
-
-
-def test_loss_equals_soft_cross_entropy_by_hand():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]])
-    targets = torch.tensor([[0.2, 0.72, 0.08], [0.0, 0.0, 1.0]])
-    expected = 0.0
-    for row, target in zip(logits.tolist(), targets.tolist(), strict=True):
-        log_z = math.log(sum(math.exp(v) for v in row))
-        expected -= sum(t * (v - log_z) for t, v in zip(target, row, strict=True))
-    expected /= 2
-    assert PredictionBank.loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_loss_gradient_reaches_the_logits_only():
-    bank = PredictionBank(num_samples=2, num_classes=2)
-    bank.store(torch.tensor([0, 1]), torch.tensor([[0.5, 0.5], [0.2, 0.8]]), epoch=0)
-    logits = torch.zeros(2, 2, requires_grad=True)
-    targets = bank.soft_targets(torch.tensor([0, 1]), torch.tensor([0, 1]), 2, epoch=1, alpha=0.5)
-    PredictionBank.loss(logits, targets).backward()
-    # d/dlogits of mean soft CE = (softmax - target) / batch.
-    assert torch.allclose(logits.grad, (torch.full((2, 2), 0.5) - targets) / 2)
-
-
 def test_buffers_round_trip_through_state_dict():
     bank = PredictionBank(num_samples=5, num_classes=3)
     bank.store(torch.tensor([1, 4]), torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]), epoch=2)
@@ -131,12 +89,9 @@ def test_alpha_T_outside_unit_interval_names_the_config_key(alpha_T):
         PredictionBank.alpha(0, 10, alpha_T)
 
 
-def test_bad_max_epochs_and_alpha_are_explained():
+def test_bad_max_epochs_is_explained():
     with pytest.raises(KdlabError, match="max_epochs >= 1"):
         PredictionBank.alpha(0, 0, 0.8)
-    bank = PredictionBank(num_samples=4, num_classes=3)
-    with pytest.raises(KdlabError, match=r"alpha must lie in \[0, 1\]"):
-        bank.soft_targets(torch.tensor([0]), torch.tensor([0]), 3, epoch=1, alpha=1.2)
 
 
 @pytest.mark.parametrize("bad", [[0, 4], [-1]], ids=["too-large", "negative"])
@@ -154,7 +109,3 @@ def test_mismatched_shapes_are_explained():
         bank.previous(torch.tensor([0.0, 1.0]), epoch=1)
     with pytest.raises(KdlabError, match="probabilities of shape"):
         bank.store(torch.tensor([0, 1]), torch.zeros(2, 5), epoch=0)
-    with pytest.raises(KdlabError, match="holds 3 classes"):
-        bank.soft_targets(torch.tensor([0]), torch.tensor([0]), 5, epoch=1, alpha=0.5)
-    with pytest.raises(KdlabError, match="same shape"):
-        PredictionBank.loss(torch.zeros(2, 3), torch.zeros(2, 4))

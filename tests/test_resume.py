@@ -4,6 +4,8 @@ one, keeps its logs and refuses another teacher; SIGTERM saves a checkpoint the 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import shlex
 import signal
@@ -22,7 +24,7 @@ from kdlab.errors import KdlabError
 from kdlab.models import create_model
 from kdlab.resume import EpochSeed, resume_point
 from kdlab.run import train
-from tests.conftest import NO_PLOTS, ROOT, cli_overrides, compose_config, fast_overrides
+from tests.conftest import NO_PLOTS, ROOT, cli_overrides, compose_config, fast_overrides, run_main
 
 
 def overrides(root: Path, run: str, epochs: int, *extra: str, store: Path | None = None) -> list[str]:
@@ -112,7 +114,8 @@ def test_resume_with_another_teacher_is_refused(runs):
         {"state_dict": create_model("deepnn", num_classes=10, in_channels=1, input_size=28).state_dict()},
         other,
     )
-    cfg = compose_config(overrides(root, "B", 2, "ckpt_path=last", f"teacher.checkpoint={other}"))
+    # Three epochs: B finished its two, so only a longer run has anything to resume.
+    cfg = compose_config(overrides(root, "B", 3, "ckpt_path=last", f"teacher.checkpoint={other}"))
     with pytest.raises(KdlabError) as error:
         train(cfg)
     assert uninterrupted["teacher"]["path"] in str(error.value) and str(other) in str(error.value)
@@ -199,6 +202,31 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path, fa
         shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Restoring states from the checkpoint path at {preempted}" in resumed.stdout + resumed.stderr
+    # Lightning's own line, in the run's log (the console keeps to what a researcher reads).
+    assert f"Restoring states from the checkpoint path at {preempted}" in (run_dir / "run.log").read_text()
     assert (run_dir / "metrics.json").exists() and not preempted.exists()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, fashion_mnist, teacher_store):
+    args = [*cli_overrides(tmp_path, teacher_store=teacher_store), NO_PLOTS]
+    assert run_main(args, cwd=tmp_path).returncode == 0
+    run_dir = tmp_path / "run"
+    before = file_digests(run_dir)
+    again = run_main([*args, "ckpt_path=last"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "has already finished" in again.stdout and str(run_dir / "metrics.json") in again.stdout
+    assert file_digests(run_dir) == before  # metrics.json, the CSV, .hydra/ and run.log included
+    # The same from Python (no command line to check first): the results come back, untouched.
+    cfg = compose_config([*fast_overrides(tmp_path, teacher_store=teacher_store), "ckpt_path=last"])
+    results = train(cfg)
+    assert results["models"] == json.loads((run_dir / "metrics.json").read_text())["models"]
+    assert file_digests(run_dir) == before

@@ -26,11 +26,11 @@ class HintProbe(Knowledge):
         super().__init__(weight=1.0, student_layers=[student_layer], teacher_layers=[source_layer])
         self.value = value
 
-    def build(self, student, source):
+    def build(self, student, source, context=None):
         s, t = student.feats[self.student_layers[0]], source.feats[self.teacher_layers[0]]
         self.adapter = nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1)
 
-    def forward(self, student, source, batch):
+    def forward(self, student, source, batch, context=None):
         if self.value is not None:
             return torch.tensor(self.value)
         s = self.adapter(student.feats[self.student_layers[0]])

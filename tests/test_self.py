@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.build import build_knowledge
+from kdlab.build import build_knowledge, scheme_class
 from kdlab.errors import KdlabError
+from kdlab.loggers import run_tags
 from kdlab.models import create_model
 from kdlab.run import train
 from kdlab.schemes import BYOT, PSKD
@@ -40,7 +41,7 @@ def batch(n=8):
 
 def test_mode_self_defaults_to_byot_with_its_recipe(tmp_path):
     cfg = compose_config([*fast_overrides(tmp_path), "mode=self"])
-    assert cfg.mode.method == "byot" and list(cfg.knowledge) == ["kd", "l2"]
+    assert cfg.mode._target_ == "kdlab.schemes.BYOT" and list(cfg.knowledge) == ["kd", "l2"]
     assert (cfg.knowledge.kd.temperature, cfg.knowledge.kd.weight, cfg.knowledge.l2.weight) == (
         3.0,
         0.3,
@@ -81,7 +82,9 @@ def test_pskd_targets_are_the_previous_epochs_predictions_by_index(tmp_path):
     pskd = scheme(PSKD, tmp_path, knowledge="dml")
     pskd.log_terms = lambda terms, loss: None
     pskd.log = lambda *args, **kwargs: None
-    pskd.trainer = type("T", (), {"max_epochs": 3, "current_epoch": 0})()  # what PS-KD reads
+    pskd.trainer = type(
+        "T", (), {"max_epochs": 3, "current_epoch": 0, "global_step": 0}
+    )()  # what PS-KD reads
     b = batch()
     with torch.no_grad():
         loss0 = pskd.training_step(b, 0)  # epoch 0: alpha = 0, plain cross-entropy
@@ -94,18 +97,24 @@ def test_pskd_targets_are_the_previous_epochs_predictions_by_index(tmp_path):
     assert not unknown.any()
 
 
-def test_pskd_and_unknown_methods_refuse_what_they_cannot_do(tmp_path):
-    with pytest.raises(KdlabError, match="mode.method=pskd .* knowledge.l2 reads"):
+def test_pskd_refuses_feature_knowledge(tmp_path):
+    with pytest.raises(KdlabError, match="mode=pskd .* knowledge.l2 reads"):
         scheme(PSKD, tmp_path, knowledge="byot")
-    with pytest.raises(KdlabError, match="mode.method='distill' is not a self-distillation method"):
-        train(compose_config([*fast_overrides(tmp_path), "mode=self", "mode.method=distill"]))
+
+
+@pytest.mark.parametrize(
+    ("mode", "name"), [("self", "byot"), ("byot", "byot"), ("pskd", "pskd"), ("born_again", "born_again")]
+)
+def test_each_self_distillation_method_is_its_own_scheme(mode, name, tmp_path):
+    # metrics.json and the logger tags name the method, not the family.
+    cfg = compose_config([*fast_overrides(tmp_path), f"mode={mode}"])
+    assert scheme_class(cfg).name == name and run_tags(cfg)[0] == f"mode:{name}"
 
 
 def test_born_again_generation_k_is_taught_by_generation_k_minus_1(tmp_path, fashion_mnist):
     overrides = [
         *fast_overrides(tmp_path),
-        "mode=self",
-        "mode.method=born_again",
+        "mode=born_again",
         "mode.generations=2",
         "knowledge=kd",
         "model@student=resnet8",

@@ -184,9 +184,10 @@ def test_a_killed_build_leaves_nothing_that_is_used(tmp_path, small_fashion_mnis
     monkeypatch.setattr(torch, "save", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
         load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
-    assert not (entry / OUTPUTS).exists() and not list(entry.glob(".*"))
+    assert not entry.exists()  # an interrupted build leaves no entry at all
 
     # A leftover temporary file from a SIGKILLed process is not mistaken for an entry, and is cleared.
+    entry.mkdir()
     (entry / f".{OUTPUTS}.99999.tmp").write_bytes(b"half a file")
     monkeypatch.setattr(torch, "save", real_save)
     outputs = load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
@@ -201,7 +202,12 @@ def test_a_damaged_entry_is_reported_with_what_to_do(tmp_path, small_fashion_mni
     entry = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).entry
     entry.mkdir(parents=True)
     (entry / OUTPUTS).write_bytes(b"not a torch file")
-    with pytest.raises(KdlabError, match="Delete that folder and rerun"):
+    with pytest.raises(KdlabError, match=r"cannot be read .* Delete the folder .* and rerun"):
+        load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
+    # A readable file with the wrong contents: the same message, no KeyError traceback.
+    torch.save({"weights": torch.zeros(2)}, entry / OUTPUTS)
+    wrong_keys = r"holds \['weights'\], not the logits and feats .* Delete the folder"
+    with pytest.raises(KdlabError, match=wrong_keys):
         load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
 
 

@@ -151,6 +151,15 @@ class ImageClassificationDataModule(LightningDataModule):
     # -- public API -------------------------------------------------------------------------
 
     @property
+    def class_names(self) -> list[str]:
+        """The name of each class, by class index, for figures and tables.
+
+        The class indices as text here; a dataset whose format or documentation names its
+        classes says so (Fashion-MNIST, CIFAR's meta files, ImageFolder's folders).
+        """
+        return [str(i) for i in range(self.num_classes)]
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one input, for building models."""
         return (self.in_channels, self.input_size, self.input_size)

@@ -2,12 +2,14 @@
 
 Each batch is a pickled dict with b"data" (uint8, one 3072-byte row per image: the
 1024 red, then green, then blue values of a 32x32 image) and a label list (b"labels"
-for CIFAR-10, b"fine_labels" for CIFAR-100). Only open batches you trust: unpickling
-can run code, which is true of torchvision's CIFAR reader as well.
+for CIFAR-10, b"fine_labels" for CIFAR-100). The class names are in a meta pickle beside
+them (`batches.meta`: b"label_names"; `meta`: b"fine_label_names"). Only open files you trust:
+unpickling can run code, which is true of torchvision's CIFAR reader as well.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 
 from kdlab.errors import KdlabError
+
+log = logging.getLogger(__name__)
 
 _ROW_BYTES = 3 * 32 * 32
 
@@ -28,6 +32,22 @@ def read_cifar_batches(paths: Sequence[str | Path], label_key: bytes) -> tuple[t
         images.append(batch_images)
         labels.append(batch_labels)
     return torch.cat(images), torch.cat(labels)
+
+
+def read_cifar_label_names(path: str | Path, names_key: bytes) -> list[str] | None:
+    """The class names, by label, in the meta pickle at `path`; None when it is missing or damaged
+    (the names only label figures, so they are never worth stopping a run for)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f, encoding="bytes")
+        names = meta[names_key]
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+    except Exception as e:  # as in _read_batch: a damaged pickle can raise almost anything
+        log.warning("Could not read the class names from %s (%s: %s)", path, type(e).__name__, e)
+        return None
 
 
 def _read_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:

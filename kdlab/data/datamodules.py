@@ -1,12 +1,13 @@
 """The fixed small datasets: Fashion-MNIST (kdlab's default), MNIST, CIFAR-10 and CIFAR-100.
 
 Each class only states its dataset's facts — file names and layouts, shape, mean/std,
-usual augmentation, system install location, torchvision downloader — on top of
+usual augmentation, class names, system install location, torchvision downloader — on top of
 `InMemoryDataModule`, which does the locating, reading, splitting and loading.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,10 +15,12 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from kdlab.data.cifar import read_cifar_batches
+from kdlab.data.cifar import read_cifar_batches, read_cifar_label_names
 from kdlab.data.idx import read_idx
 from kdlab.data.in_memory import InMemoryDataModule
 from kdlab.errors import KdlabError
+
+log = logging.getLogger(__name__)
 
 
 class IdxDataModule(InMemoryDataModule):
@@ -80,6 +83,24 @@ class FashionMNISTDataModule(IdxDataModule):
     install_hint = "install Debian's package (apt-get install dataset-fashion-mnist)"
     torchvision_folder = "FashionMNIST"
     torchvision_class = datasets.FashionMNIST
+    # The IDX files carry only label numbers; the names are those of the dataset's documentation
+    # (github.com/zalandoresearch/fashion-mnist, "Labels"), in label order.
+    classes = (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    )
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
 
     def default_augmentation(self) -> list:
         return [v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()]
@@ -94,6 +115,7 @@ class MNISTDataModule(IdxDataModule):
     std = (0.3081,)
     torchvision_folder = "MNIST"
     torchvision_class = datasets.MNIST
+    # MNIST's labels are the digits themselves, so the base class's names ("0".."9") are right.
 
     def default_augmentation(self) -> list:
         # No flips: a mirrored digit is a different (or no) digit.
@@ -107,7 +129,27 @@ class CifarDataModule(InMemoryDataModule):
     train_batches: ClassVar[tuple[str, ...]]
     test_batches: ClassVar[tuple[str, ...]]
     label_key: ClassVar[bytes]
+    # The pickle beside the batches that names the classes, and its key for the names of label_key.
+    meta_file: ClassVar[str]
+    names_key: ClassVar[bytes]
     torchvision_class: ClassVar[type]
+
+    @property
+    def class_names(self) -> list[str]:
+        """The names in the meta file next to the batches; the indices if it is missing or damaged
+        (it is not needed for training, so a bad one only costs the figures their names)."""
+        found, _ = self.locate()
+        names = read_cifar_label_names(found / self.meta_file, self.names_key) if found else None
+        if names is not None and len(names) != self.num_classes:
+            log.warning(
+                "%s names %d classes, but %s has %d: labelling classes by index",
+                found / self.meta_file,
+                len(names),
+                self.name,
+                self.num_classes,
+            )
+            names = None
+        return names if names is not None else super().class_names
 
     def layouts(self, directory: Path) -> list[Path]:
         return [directory, directory / self.batches_folder]
@@ -142,6 +184,8 @@ class CIFAR10DataModule(CifarDataModule):
     train_batches = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_batches = ("test_batch",)
     label_key = b"labels"
+    meta_file = "batches.meta"
+    names_key = b"label_names"
     torchvision_class = datasets.CIFAR10
 
 
@@ -156,4 +200,6 @@ class CIFAR100DataModule(CifarDataModule):
     train_batches = ("train",)
     test_batches = ("test",)
     label_key = b"fine_labels"
+    meta_file = "meta"
+    names_key = b"fine_label_names"
     torchvision_class = datasets.CIFAR100

@@ -2,7 +2,8 @@
 
 Images are decoded from disk per sample (torchvision's ImageFolder), so any size of
 dataset works. Class indices follow the sorted class-folder names, as in torchvision,
-and must be the same folders in train and val so that index i means one class in both.
+and must be the same folders in train and val so that index i means one class in both; those
+names are the class names.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             v2.Resize(round(self.input_size / CROP_FRACTION), antialias=True),
             v2.CenterCrop(self.input_size),
         ]
+
+    @property
+    def class_names(self) -> list[str]:
+        """The training split's class-folder names, sorted: the order of the class indices."""
+        return find_classes(str(self._split_dir(train=True)))[0]
 
     def sample_digest(self, samples: ImageFolder, digest: hashlib._Hash) -> None:
         # Decoding every image to hash it would cost an epoch; paths, sizes and times say when files change.

@@ -4,7 +4,7 @@ Each loss is a `Knowledge` module; the `knowledge=` config group selects one or 
 list of them (`knowledge=[kd,at]`), and every scheme sums them with the task loss.
 """
 
-from kdlab.knowledge.base import Knowledge
+from kdlab.knowledge.base import Knowledge, LossContext
 from kdlab.knowledge.contrastive import CRD
 from kdlab.knowledge.feature import AT, NST, VID, CosineHint, FeatureL2, FitNet
 from kdlab.knowledge.relation import CC, FSP, PKT, RKD, SP
@@ -27,4 +27,5 @@ __all__ = [
     "FeatureL2",
     "FitNet",
     "Knowledge",
+    "LossContext",
 ]

@@ -9,8 +9,10 @@ optimised with the student and saved in its checkpoint.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -43,6 +45,27 @@ def checked_number(
     return float(value)
 
 
+@dataclass(frozen=True)
+class LossContext:
+    """What a loss may need to know about the run it is in, handed to `build` and `forward`.
+
+    The scheme makes one per step; a loss used on its own is given one by its caller. Losses
+    with a schedule (e.g. DKD's warm-up) read the epoch here, and losses with per-sample state
+    (e.g. CRD's memory banks) the size of the training split.
+
+    Attributes:
+        num_samples: the training split's index count (batch["index"] runs over 0..num_samples-1).
+        epoch: the current training epoch, from 0.
+        max_epochs: the epochs the run plans (None: unbounded).
+        step: the optimizer steps taken so far.
+    """
+
+    num_samples: int | None = None
+    epoch: int = 0
+    max_epochs: int | None = None
+    step: int = 0
+
+
 class Knowledge(nn.Module):
     """One transferable kind of knowledge, weighted in the scheme's loss sum.
 
@@ -53,7 +76,12 @@ class Knowledge(nn.Module):
         student_layers / teacher_layers: the layers whose features this loss reads: named tap
             points of the model ("stage2", "embedding") or module paths. "Teacher" is the
             teaching side of any scheme: a frozen teacher, a peer, a deeper exit.
+        name: the name the loss was configured under (`knowledge.<name>`), used in messages and
+            logged metric names; kdlab's config builder passes it. Defaults to the class's `key`.
     """
+
+    #: the config name of this loss when it is not given one (conf/knowledge/<key>.yaml)
+    key: str | None = None
 
     def __init__(
         self,
@@ -61,20 +89,31 @@ class Knowledge(nn.Module):
         task_weight: float = 1.0,
         student_layers: tuple[str, ...] | list[str] = (),
         teacher_layers: tuple[str, ...] | list[str] = (),
+        name: str | None = None,
     ):
         super().__init__()
-        key = type(self).__name__.lower()
-        self.weight = checked_number(weight, key, "weight", 1, strict=False)
-        self.task_weight = checked_number(task_weight, key, "task_weight", 1, strict=False)
+        self.name = name or self.key or type(self).__name__.lower()
+        self.weight = checked_number(weight, self.name, "weight", 1, strict=False)
+        self.task_weight = checked_number(task_weight, self.name, "task_weight", 1, strict=False)
         self.student_layers = tuple(student_layers)
         self.teacher_layers = tuple(teacher_layers)
-        # Set by the scheme: the training split's index count (for per-sample state, e.g. memory
-        # banks) before build(), and the current epoch (for schedules such as warm-up) each epoch.
-        self.num_samples: int | None = None
-        self.epoch = 0
 
-    def build(self, student: Outputs, source: Outputs) -> None:
+    def with_layers(self, student_layers: Iterable[str], teacher_layers: Iterable[str]) -> Knowledge:
+        """A copy of this loss that reads these layers: the scheme's expansion of the configured ones
+        ("stages" -> stage1..stageN of each model). The configured loss itself is left as it is."""
+        bound = copy.deepcopy(self)
+        bound.student_layers, bound.teacher_layers = tuple(student_layers), tuple(teacher_layers)
+        return bound
+
+    def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
         """Create adapters from real output shapes; called once before training."""
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
+        """The unweighted loss for one batch. `context` is the run's state (see LossContext)."""
         raise NotImplementedError

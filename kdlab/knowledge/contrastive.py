@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kdlab.distributed import gather_rows, mean_across_processes, world_size
 from kdlab.errors import KdlabError
-from kdlab.knowledge.base import Knowledge
+from kdlab.knowledge.base import Knowledge, LossContext
 from kdlab.taps import Outputs
 
 EPS = 1e-7
@@ -48,6 +48,8 @@ class CRD(Knowledge):
     DDP also an all-gather of the step's indices and 2 x feat_dim floats per sample.
     """
 
+    key = "crd"
+
     def __init__(
         self,
         feat_dim: int = 128,
@@ -58,31 +60,35 @@ class CRD(Knowledge):
         task_weight: float = 1.0,
         student_layers: tuple[str, ...] | list[str] = ("embedding",),
         teacher_layers: tuple[str, ...] | list[str] = ("embedding",),
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, name=name)
         if len(self.student_layers) != 1 or len(self.teacher_layers) != 1:
             raise KdlabError(
                 "CRD contrasts one embedding per model, but got student_layers="
                 f"{list(self.student_layers)} and teacher_layers={list(self.teacher_layers)}. "
-                "Set knowledge.crd.student_layers=[embedding] and knowledge.crd.teacher_layers=[embedding]."
+                f"Set knowledge.{self.name}.student_layers=[embedding] and "
+                f"knowledge.{self.name}.teacher_layers=[embedding]."
             )
         if not 0 <= momentum < 1 or temperature <= 0 or num_negatives < 1:
             raise KdlabError(
                 f"CRD needs 0 <= momentum < 1, temperature > 0 and num_negatives >= 1; got momentum="
-                f"{momentum}, temperature={temperature}, num_negatives={num_negatives}. Fix knowledge.crd.*."
+                f"{momentum}, temperature={temperature}, num_negatives={num_negatives}. "
+                f"Fix knowledge.{self.name}.*."
             )
         self.feat_dim, self.num_negatives = int(feat_dim), int(num_negatives)
         self.temperature, self.momentum = float(temperature), float(momentum)
         # Per direction: whether this process has averaged its Z estimate with the other processes.
         self._z_shared = [False, False]
 
-    def build(self, student: Outputs, source: Outputs) -> None:
-        if not self.num_samples:
+    def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
+        if context is None or not context.num_samples:
             raise KdlabError(
-                "CRD keeps one memory-bank entry per training sample, so it needs the size of the "
-                "training split, but the scheme passed none. Build the scheme through kdlab.build, "
-                "or pass num_samples=len(training split)."
+                f"knowledge.{self.name} (CRD) keeps one memory-bank entry per training sample, so it "
+                "needs the size of the training split, but build() got none. Build the scheme through "
+                "kdlab.build, or pass context=LossContext(num_samples=len(training split))."
             )
+        self.num_samples = int(context.num_samples)
         s_dim = student.feats[self.student_layers[0]].flatten(1).shape[1]
         t_dim = source.feats[self.teacher_layers[0]].flatten(1).shape[1]
         self.embed_student = nn.Linear(s_dim, self.feat_dim)
@@ -96,7 +102,13 @@ class CRD(Knowledge):
     def embed(self, outputs: Outputs, layer: str, head: nn.Linear) -> Tensor:
         return F.normalize(head(outputs.feats[layer].flatten(1)), dim=1)
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
         index = batch["index"]
         v_s = self.embed(student, self.student_layers[0], self.embed_student)
         v_t = self.embed(source, self.teacher_layers[0], self.embed_teacher)

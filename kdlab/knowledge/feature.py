@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge.base import checked_number
+from kdlab.knowledge.base import LossContext, checked_number
 from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.taps import Outputs
 
@@ -68,7 +68,7 @@ class FeatureKnowledge(LayerPairKnowledge):
     #: what the method needs to compare, for error messages
     accepts = "feature maps"
 
-    def build(self, student: Outputs, source: Outputs) -> None:
+    def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
         feats = self.pairs(student, source)
         for index, (s, t) in enumerate(feats):
             self.check_pair(index, s, t)
@@ -84,7 +84,7 @@ class FeatureKnowledge(LayerPairKnowledge):
                 f"{type(self).__name__} compares {self.accepts} over spatial positions, but the pair "
                 f"'{self.student_layers[index]}' {_shape(s)} / '{self.teacher_layers[index]}' {_shape(t)} "
                 f"has a single common position ({size[0]}x{size[1]}), so the loss would be constant. Pick "
-                f"earlier layers with larger maps for knowledge.{self.key}.student_layers/teacher_layers "
+                f"earlier layers with larger maps for knowledge.{self.name}.student_layers/teacher_layers "
                 "(e.g. [stages])."
             )
 
@@ -103,7 +103,7 @@ class FeatureKnowledge(LayerPairKnowledge):
                 raise KdlabError(
                     f"{type(self).__name__} compares {self.accepts}, so it needs {wanted}, but the "
                     f"{side}'s layer '{layer}' gives shape {_shape(x)}. Pick a convolutional layer for "
-                    f"knowledge.{self.key}.{side}_layers instead (e.g. [stages], [last_stage] or stage2)."
+                    f"knowledge.{self.name}.{side}_layers instead (e.g. [stages], [last_stage] or stage2)."
                 )
 
 
@@ -152,8 +152,9 @@ class FitNet(FeatureKnowledge):
         teacher_layers: str | Sequence[str] = ("stage2",),
         relu: bool = True,
         layer_reduction: str = "sum",
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
         self.relu = bool(relu)
         self.regressors = nn.ModuleList()
 
@@ -205,9 +206,10 @@ class AT(FeatureKnowledge):
         student_layers: str | Sequence[str] = ("stages",),
         teacher_layers: str | Sequence[str] = ("stages",),
         layer_reduction: str = "sum",
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
-        self.p = checked_number(p, self.key, "p", 2, why="the paper uses p=2")
+        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
+        self.p = checked_number(p, self.name, "p", 2, why="the paper uses p=2")
 
     def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
         s, t = pool_to_common_size(s, t)
@@ -248,17 +250,18 @@ class NST(FeatureKnowledge):
         student_layers: str | Sequence[str] = ("stages",),
         teacher_layers: str | Sequence[str] = ("stages",),
         layer_reduction: str = "sum",
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
         if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
             raise KdlabError(
                 f"NST: degree={degree!r} must be a whole number >= 1 (the polynomial kernel's power). "
-                "The paper uses knowledge.nst.degree=2."
+                f"The paper uses knowledge.{self.name}.degree=2."
             )
         if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
             raise KdlabError(
                 f"NST: c={c!r} must be a finite number >= 0 (the polynomial kernel's offset). "
-                "The paper uses knowledge.nst.c=0."
+                f"The paper uses knowledge.{self.name}.c=0."
             )
         self.degree, self.c = degree, float(c)
 
@@ -295,8 +298,9 @@ class CosineHint(FeatureKnowledge):
         student_layers: str | Sequence[str] = ("last_stage",),
         teacher_layers: str | Sequence[str] = ("last_stage",),
         layer_reduction: str = "sum",
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
 
     def check_pair(self, index: int, s: Tensor, t: Tensor) -> None:
         d_s, d_t = s[0].numel(), t[0].numel()
@@ -306,7 +310,7 @@ class CosineHint(FeatureKnowledge):
                 f"the student's length, so the teacher's length must be a multiple of the student's. "
                 f"The student's '{self.student_layers[index]}' has {d_s} values per sample "
                 f"{_shape(s)[1:]} and the teacher's '{self.teacher_layers[index]}' {d_t} {_shape(t)[1:]}, "
-                f"which is not a multiple of {d_s}. Pick knowledge.cosine.student_layers/teacher_layers "
+                f"which is not a multiple of {d_s}. Pick knowledge.{self.name}.student_layers/teacher_layers "
                 "whose sizes divide (e.g. the tutorial's last conv stage of DeepNN (2048 values at 32 px) "
                 "and LightNN (1024)), or use FitNets, whose regressor adapts any widths."
             )
@@ -370,23 +374,24 @@ class VID(FeatureKnowledge):
         init_variance: float = 5.0,
         eps: float = 1e-5,
         layer_reduction: str = "sum",
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
-        self.eps = checked_number(eps, self.key, "eps", "1e-5", why="it keeps the variance positive")
+        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
+        self.eps = checked_number(eps, self.name, "eps", "1e-5", why="it keeps the variance positive")
         init_variance = checked_number(
-            init_variance, self.key, "init_variance", 5, why="the reference starts at 5"
+            init_variance, self.name, "init_variance", 5, why="the reference starts at 5"
         )
         if init_variance <= self.eps:
             raise KdlabError(
                 f"VID: init_variance={init_variance} must be larger than eps={self.eps}, since the variance "
-                "is softplus(alpha) + eps. Set knowledge.vid.init_variance=5 (the reference value)."
+                f"is softplus(alpha) + eps. Set knowledge.{self.name}.init_variance=5 (the reference value)."
             )
         if hidden_channels is not None and (
             isinstance(hidden_channels, bool) or not isinstance(hidden_channels, int) or hidden_channels < 1
         ):
             raise KdlabError(
                 f"VID: hidden_channels={hidden_channels!r} must be a whole number >= 1, or null for the "
-                "teacher's channel count (the reference setting). Set knowledge.vid.hidden_channels."
+                f"teacher's channel count (the reference setting). Set knowledge.{self.name}.hidden_channels."
             )
         self.init_variance = init_variance
         self.hidden_channels = hidden_channels
@@ -431,8 +436,9 @@ class FeatureL2(FeatureKnowledge):
         student_layers: str | Sequence[str] = ("last_stage",),
         teacher_layers: str | Sequence[str] = ("last_stage",),
         layer_reduction: str = "sum",
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
 
     def check_pair(self, index: int, s: Tensor, t: Tensor) -> None:
         if s.shape != t.shape:

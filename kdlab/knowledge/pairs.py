@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge.base import Knowledge
+from kdlab.knowledge.base import Knowledge, LossContext
 from kdlab.taps import Outputs
 
 LAYER_REDUCTIONS = ("sum", "mean")
@@ -43,19 +43,22 @@ class LayerPairKnowledge(Knowledge):
         student_layers: str | Sequence[str] = ("stages",),
         teacher_layers: str | Sequence[str] = ("stages",),
         layer_reduction: str = "sum",
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, layer_list(student_layers), layer_list(teacher_layers))
+        super().__init__(
+            weight, task_weight, layer_list(student_layers), layer_list(teacher_layers), name=name
+        )
         if not self.student_layers or not self.teacher_layers:
             raise KdlabError(
                 f"{type(self).__name__} reads no layers (student_layers={list(self.student_layers)}, "
-                f"teacher_layers={list(self.teacher_layers)}). Set knowledge.{self.key}.student_layers and "
-                f"knowledge.{self.key}.teacher_layers to the layers to compare, e.g. [stages] (every stage), "
-                "[last_stage] or [embedding], or to module paths of the two models."
+                f"teacher_layers={list(self.teacher_layers)}). Set knowledge.{self.name}.student_layers and "
+                f"knowledge.{self.name}.teacher_layers to the layers to compare, e.g. [stages] (every "
+                "stage), [last_stage] or [embedding], or to module paths of the two models."
             )
         if layer_reduction not in LAYER_REDUCTIONS:
             raise KdlabError(
                 f"{type(self).__name__}: layer_reduction={layer_reduction!r} is not one of "
-                f"{', '.join(LAYER_REDUCTIONS)}. Set knowledge.{self.key}.layer_reduction to 'sum' (the "
+                f"{', '.join(LAYER_REDUCTIONS)}. Set knowledge.{self.name}.layer_reduction to 'sum' (the "
                 "papers and the CRD benchmark: the per-layer losses are added) or 'mean'."
             )
         self.layer_reduction = layer_reduction
@@ -69,10 +72,10 @@ class LayerPairKnowledge(Knowledge):
                 f"{type(self).__name__} compares student_layers[i] with teacher_layers[i], but after "
                 f"'stages'/'last_stage' were expanded for each model the student has {len(s_names)} "
                 f"layer(s) {s_names} and the teacher {len(t_names)} {t_names}. Give "
-                f"knowledge.{self.key}.student_layers and knowledge.{self.key}.teacher_layers the same "
+                f"knowledge.{self.name}.student_layers and knowledge.{self.name}.teacher_layers the same "
                 f"number of layers, e.g. the deepest {n} "
-                f"of each: knowledge.{self.key}.student_layers=[{','.join(s_names[-n:])}] "
-                f"knowledge.{self.key}.teacher_layers=[{','.join(t_names[-n:])}]."
+                f"of each: knowledge.{self.name}.student_layers=[{','.join(s_names[-n:])}] "
+                f"knowledge.{self.name}.teacher_layers=[{','.join(t_names[-n:])}]."
             )
         pairs = []
         for s_name, t_name in zip(s_names, t_names, strict=True):
@@ -83,7 +86,7 @@ class LayerPairKnowledge(Knowledge):
                 raise KdlabError(
                     f"{type(self).__name__} compares the samples of one batch, but the student's '{s_name}' "
                     f"holds {s.shape[0]} samples and the teacher's '{t_name}' {t.shape[0]}. Check that "
-                    f"knowledge.{self.key}.student_layers/teacher_layers name per-sample features."
+                    f"knowledge.{self.name}.student_layers/teacher_layers name per-sample features."
                 )
             pairs.append((s, t))
         return pairs
@@ -92,18 +95,25 @@ class LayerPairKnowledge(Knowledge):
         if name not in outputs.feats:
             raise KdlabError(
                 f"{type(self).__name__} reads the {side}'s feature '{name}', but the {side}'s outputs carry "
-                f"only {sorted(outputs.feats)}. Build the loss inside a scheme, which taps the layers named "
-                f"in knowledge.{self.key}.{side}_layers, or check that list names a tap point or module path."
+                f"only {sorted(outputs.feats)}. Build the loss inside a scheme, which taps the layers "
+                f"named in knowledge.{self.name}.{side}_layers, or check that list names a tap point or "
+                "module path."
             )
         return outputs.feats[name]
 
-    def build(self, student: Outputs, source: Outputs) -> None:
+    def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
         self.pairs(student, source)  # fail before training, with the message, not at step one
 
     def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
         losses = torch.stack(
             [self.pair_loss(i, s, t) for i, (s, t) in enumerate(self.pairs(student, source))]
         )

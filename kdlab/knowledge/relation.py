@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge.base import checked_number
+from kdlab.knowledge.base import LossContext, checked_number
 from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.taps import Outputs
 
@@ -37,10 +37,16 @@ class _LayerPairs(LayerPairKnowledge):
     def pairs(self, student: Outputs, source: Outputs) -> list[tuple[Tensor, Tensor]]:
         return [(_full_precision(s), _full_precision(t)) for s, t in super().pairs(student, source)]
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
         device = next(iter(student.feats.values())).device.type
         with torch.autocast(device, enabled=False):
-            return super().forward(student, source, batch)
+            return super().forward(student, source, batch, context)
 
 
 class RKD(_LayerPairs):
@@ -82,11 +88,12 @@ class RKD(_LayerPairs):
         task_weight: float = 1.0,
         student_layers: Layers = ("embedding",),
         teacher_layers: Layers = ("embedding",),
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers)
-        self.distance_weight = checked_number(distance_weight, "rkd", "distance_weight", 25, strict=False)
-        self.angle_weight = checked_number(angle_weight, "rkd", "angle_weight", 50, strict=False)
-        self.eps = checked_number(eps, "rkd", "eps", "1e-12", strict=True)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, name=name)
+        self.distance_weight = checked_number(distance_weight, self.name, "distance_weight", 25, strict=False)
+        self.angle_weight = checked_number(angle_weight, self.name, "angle_weight", 50, strict=False)
+        self.eps = checked_number(eps, self.name, "eps", "1e-12", strict=True)
 
     def geometry(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(psi_D: b x b normalised distances, psi_A: b x b x b cosines, [j, i, k] = angle at x_j)."""
@@ -135,8 +142,9 @@ class SP(_LayerPairs):
         task_weight: float = 1.0,
         student_layers: Layers = ("last_stage",),
         teacher_layers: Layers = ("last_stage",),
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, name=name)
 
     @staticmethod
     def similarity(x: Tensor) -> Tensor:
@@ -177,9 +185,10 @@ class PKT(_LayerPairs):
         task_weight: float = 1.0,
         student_layers: Layers = ("embedding",),
         teacher_layers: Layers = ("embedding",),
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers)
-        self.eps = checked_number(eps, "pkt", "eps", "1e-7", strict=True)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, name=name)
+        self.eps = checked_number(eps, self.name, "eps", "1e-7", strict=True)
 
     def probabilities(self, x: Tensor) -> Tensor:
         """P: the b x b row-stochastic matrix of shifted cosine similarities."""
@@ -226,9 +235,10 @@ class CC(_LayerPairs):
         task_weight: float = 1.0,
         student_layers: Layers = ("embedding",),
         teacher_layers: Layers = ("embedding",),
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers)
-        self.gamma = checked_number(gamma, "cc", "gamma", 0.4, strict=True)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, name=name)
+        self.gamma = checked_number(gamma, self.name, "gamma", 0.4, strict=True)
         for name, value, minimum, meaning, example in (
             ("order", order, 0, "the number of Taylor terms after the constant", 2),
             ("embed_dim", embed_dim, 1, "the width both embeddings map to", 128),
@@ -236,13 +246,13 @@ class CC(_LayerPairs):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise KdlabError(
                     f"CC: {name}={value!r} must be an integer >= {minimum}: {meaning}. "
-                    f"Set knowledge.cc.{name}, e.g. knowledge.cc.{name}={example}."
+                    f"Set knowledge.{self.name}.{name}, e.g. knowledge.{self.name}.{name}={example}."
                 )
         self.order, self.embed_dim = order, embed_dim
         self.student_embeds = nn.ModuleList()
         self.teacher_embeds = nn.ModuleList()
 
-    def build(self, student: Outputs, source: Outputs) -> None:
+    def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
         pairs = self.pairs(student, source)
         widths = [(s.flatten(1).shape[1], t.flatten(1).shape[1]) for s, t in pairs]
         built = [
@@ -313,8 +323,9 @@ class FSP(_LayerPairs):
         task_weight: float = 1.0,
         student_layers: Layers = ("stages",),
         teacher_layers: Layers = ("stages",),
+        name: str | None = None,
     ):
-        super().__init__(weight, task_weight, student_layers, teacher_layers)
+        super().__init__(weight, task_weight, student_layers, teacher_layers, name=name)
 
     def _maps(self, student: Outputs, source: Outputs) -> list[tuple[Tensor, Tensor]]:
         pairs = self.pairs(student, source)
@@ -322,8 +333,8 @@ class FSP(_LayerPairs):
             raise KdlabError(
                 f"FSP relates consecutive layers of each model, so it needs at least two layers per side, "
                 f"but got student_layers={list(self.student_layers)} and teacher_layers="
-                f"{list(self.teacher_layers)}. Set knowledge.fsp.student_layers=[stages] and "
-                "knowledge.fsp.teacher_layers=[stages], or list two or more layers on each side."
+                f"{list(self.teacher_layers)}. Set knowledge.{self.name}.student_layers=[stages] and "
+                f"knowledge.{self.name}.teacher_layers=[stages], or list two or more layers on each side."
             )
         maps = []
         for i, (s, t) in enumerate(pairs):
@@ -335,7 +346,7 @@ class FSP(_LayerPairs):
                     raise KdlabError(
                         f"FSP reads feature maps (batch x channels x height x width), but the {side}'s "
                         f"'{layer}' has shape {tuple(x.shape)}. Pick convolutional layers in "
-                        f"knowledge.fsp.{side}_layers, e.g. [stages]."
+                        f"knowledge.{self.name}.{side}_layers, e.g. [stages]."
                     )
             maps.append((s if s.ndim == 4 else s[..., None, None], t if t.ndim == 4 else t[..., None, None]))
         s_widths = [s.shape[1] for s, _ in maps]
@@ -350,7 +361,8 @@ class FSP(_LayerPairs):
             raise KdlabError(
                 "FSP compares the student's and the teacher's FSP matrices entry by entry, so each "
                 "student layer needs as many channels as its teacher layer, but the channel counts "
-                f"differ ({listing}). Set knowledge.fsp.student_layers and knowledge.fsp.teacher_layers "
+                f"differ ({listing}). Set knowledge.{self.name}.student_layers and "
+                f"knowledge.{self.name}.teacher_layers "
                 "to layers of equal widths, or distil between models of the same widths (e.g. teacher "
                 "resnet14 -> student resnet8, resnet32x4 -> resnet8x4): FSP is meant for same-width "
                 "pairs. For models of different widths use a relation loss that compares batch x batch "
@@ -358,7 +370,7 @@ class FSP(_LayerPairs):
             )
         return maps
 
-    def build(self, student: Outputs, source: Outputs) -> None:
+    def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
         self._maps(student, source)
 
     @staticmethod
@@ -371,7 +383,13 @@ class FSP(_LayerPairs):
             second = F.adaptive_avg_pool2d(second, size)
         return torch.einsum("bihw,bjhw->bij", first, second) / (size[0] * size[1])
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
         maps = self._maps(student, source)
         with torch.autocast(maps[0][0].device.type, enabled=False):
             maps = [(_full_precision(s), _full_precision(t)) for s, t in maps]

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.knowledge.base import Knowledge, checked_number
+from kdlab.errors import KdlabError
+from kdlab.knowledge.base import Knowledge, LossContext, checked_number
 from kdlab.taps import Outputs
 
 
@@ -22,15 +23,27 @@ class KD(Knowledge):
     T=4, weight 0.9, task (cross-entropy) weight 0.1.
     """
 
-    def __init__(self, temperature: float = 4.0, weight: float = 0.9, task_weight: float = 0.1):
-        super().__init__(weight=weight, task_weight=task_weight)
-        self.temperature = checked_number(temperature, "kd", "temperature", 4, why="it divides the logits")
+    key = "kd"
+
+    def __init__(
+        self, temperature: float = 4.0, weight: float = 0.9, task_weight: float = 0.1, name: str | None = None
+    ):
+        super().__init__(weight=weight, task_weight=task_weight, name=name)
+        self.temperature = checked_number(
+            temperature, self.name, "temperature", 4, why="it divides the logits"
+        )
 
     def soft_targets(self, logits: Tensor) -> Tensor:
         """softmax(logits / T): the teacher's soft targets at this temperature."""
         return F.softmax(logits / self.temperature, dim=1)
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
         log_q = F.log_softmax(student.logits / self.temperature, dim=1)
         kl = F.kl_div(log_q, self.soft_targets(source.logits), reduction="batchmean")
         return kl * self.temperature**2
@@ -43,10 +56,12 @@ class DKD(Knowledge):
     of teacher and student) and non-target-class KD (NCKD: KL between the distributions over the
     non-target classes alone, renormalised); KD = TCKD + (1 - p_target^teacher) * NCKD. DKD weights
     them freely: alpha * TCKD + beta * NCKD, both at temperature T and scaled by T^2, averaged over
-    the batch. The loss ramps up linearly over the first `warmup_epochs` epochs; the scheme sets
-    `self.epoch`. Defaults are the paper's CIFAR-100 recipe (mdistiller): alpha 1, beta 8, T 4,
-    warm-up 20 epochs, cross-entropy weight 1.
+    the batch. The loss ramps up linearly over the first `warmup_epochs` epochs, so it needs the
+    run's epoch: `forward`'s `context` (kdlab.knowledge.LossContext). Defaults are the paper's
+    CIFAR-100 recipe (mdistiller): alpha 1, beta 8, T 4, warm-up 20 epochs, cross-entropy weight 1.
     """
+
+    key = "dkd"
 
     def __init__(
         self,
@@ -56,17 +71,35 @@ class DKD(Knowledge):
         warmup_epochs: int = 20,
         weight: float = 1.0,
         task_weight: float = 1.0,
+        name: str | None = None,
     ):
-        super().__init__(weight=weight, task_weight=task_weight)
-        self.temperature = checked_number(temperature, "dkd", "temperature", 4, why="it divides the logits")
+        super().__init__(weight=weight, task_weight=task_weight, name=name)
+        self.temperature = checked_number(
+            temperature, self.name, "temperature", 4, why="it divides the logits"
+        )
         self.alpha, self.beta = float(alpha), float(beta)
         self.warmup_epochs = int(warmup_epochs)
 
-    def warmup_factor(self) -> float:
+    def warmup_factor(self, context: LossContext | None) -> float:
         """min(epoch / warm-up, 1), counting epochs from 1 as the reference code does."""
-        return min((self.epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        if self.warmup_epochs <= 0:
+            return 1.0
+        if context is None:
+            raise KdlabError(
+                f"knowledge.{self.name} (DKD) ramps its loss up over the first {self.warmup_epochs} "
+                "epochs, so it needs the run's epoch, but forward() got no context. Pass "
+                "context=LossContext(epoch=<current epoch>, ...), or set "
+                f"knowledge.{self.name}.warmup_epochs=0 for no warm-up."
+            )
+        return min((context.epoch + 1) / self.warmup_epochs, 1.0)
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
         s, t, T = student.logits / self.temperature, source.logits / self.temperature, self.temperature
         target = F.one_hot(batch["target"], s.shape[1]).bool()
         tckd = F.kl_div(binary_log_probs(s, target), binary_log_probs(t, target).exp(), reduction="batchmean")
@@ -74,7 +107,7 @@ class DKD(Knowledge):
         rest = (s.shape[0], s.shape[1] - 1)
         s_rest, t_rest = s[~target].view(rest), t[~target].view(rest)
         nckd = F.kl_div(F.log_softmax(s_rest, dim=1), F.softmax(t_rest, dim=1), reduction="batchmean")
-        return self.warmup_factor() * (self.alpha * tckd + self.beta * nckd) * T**2
+        return self.warmup_factor(context) * (self.alpha * tckd + self.beta * nckd) * T**2
 
 
 def binary_log_probs(logits: Tensor, target: Tensor) -> Tensor:
@@ -95,6 +128,8 @@ class DIST(Knowledge):
     reference implementation's (beta = gamma = tau = 1); the paper tunes tau per dataset.
     """
 
+    key = "dist"
+
     def __init__(
         self,
         beta: float = 1.0,
@@ -102,12 +137,21 @@ class DIST(Knowledge):
         temperature: float = 1.0,
         weight: float = 1.0,
         task_weight: float = 1.0,
+        name: str | None = None,
     ):
-        super().__init__(weight=weight, task_weight=task_weight)
-        self.temperature = checked_number(temperature, "dist", "temperature", 1, why="it divides the logits")
+        super().__init__(weight=weight, task_weight=task_weight, name=name)
+        self.temperature = checked_number(
+            temperature, self.name, "temperature", 1, why="it divides the logits"
+        )
         self.beta, self.gamma = float(beta), float(gamma)
 
-    def forward(self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
         y_s = F.softmax(student.logits / self.temperature, dim=1)
         y_t = F.softmax(source.logits / self.temperature, dim=1)
         inter = 1 - pearson(y_s, y_t, dim=1).mean()

@@ -5,11 +5,16 @@ take `(num_classes=..., in_channels=..., input_size=...)`. Any torchvision class
 model is reachable as `torchvision/<name>` and is built by `torchvision.models.get_model`
 (see https://pytorch.org/vision/stable/models.html#general-information-on-pre-trained-weights).
 `create_model` is the single entry point the Hydra configs in `conf/model/` call.
+
+A model of your own needs no change to kdlab: name its constructor by import path
+(`name: mypackage.models.MyNet`, called with the same three arguments), or decorate it with
+`@register_model("mynet")` in a module that `name: mypackage.models:mynet` imports first.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Callable
 
@@ -71,15 +76,35 @@ def create_model(
     return model
 
 
+def _constructor_by_path(name: str) -> Callable[..., nn.Module] | None:
+    """`package.module.Constructor`, or `package.module:registered_name` (imported first, so its
+    `@register_model` runs); None when `name` is not such a path or does not import."""
+    if ":" in name:
+        module, registered = name.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return None
+        return _REGISTRY.get(registered)
+    if "." not in name:
+        return None
+    module, attribute = name.rsplit(".", 1)
+    try:
+        return getattr(importlib.import_module(module), attribute, None)
+    except ImportError:
+        return None
+
+
 def _create_kdlab(name: str, num_classes: int, in_channels: int, input_size: int, kwargs: dict) -> nn.Module:
-    if name not in _REGISTRY:
+    constructor = _REGISTRY.get(name) or _constructor_by_path(name)
+    if constructor is None:
         raise KdlabError(
             f"Unknown model '{name}'. Registered kdlab models are: {', '.join(list_models())}. "
-            f"Any torchvision classification model can also be used as '{TORCHVISION_PREFIX}<name>' "
+            f"Any torchvision classification model can also be used as '{TORCHVISION_PREFIX}<name>', "
+            "and a model of your own by its import path ('mypackage.models.MyNet') "
             f"(for example '{TORCHVISION_PREFIX}resnet18'). Fix the model name in your config or on the "
             "command line."
         )
-    constructor = _REGISTRY[name]
     # Check extra options up front so a typo gets a clear message rather than a TypeError.
     params = inspect.signature(constructor).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

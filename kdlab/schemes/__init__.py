@@ -1,10 +1,12 @@
-"""Distillation schemes (`mode=`): where the knowledge comes from."""
+"""Distillation schemes (`mode=`): where the knowledge comes from, one module per scheme."""
 
-from kdlab.schemes.base import Scheme
+from kdlab.schemes.base import Scheme, Sources
 from kdlab.schemes.baseline import Baseline
+from kdlab.schemes.born_again import BornAgain
+from kdlab.schemes.byot import BYOT
 from kdlab.schemes.offline import Offline
 from kdlab.schemes.online import Online
-from kdlab.schemes.self_distillation import BYOT, PSKD, BornAgain, SelfDistillation
+from kdlab.schemes.pskd import PSKD
 from kdlab.schemes.student import StudentScheme
 
 __all__ = [
@@ -15,6 +17,6 @@ __all__ = [
     "Offline",
     "Online",
     "Scheme",
-    "SelfDistillation",
+    "Sources",
     "StudentScheme",
 ]

@@ -1,37 +1,72 @@
 """What every scheme shares: knowledge losses, the weighted loss sum, optimisation, metrics.
 
 A scheme is a LightningModule that decides *where* knowledge comes from; subclasses hold the
-trained models (one student, N peers, a model with exits) and say what teaches what. This base
-owns the rest: the configured knowledge terms, the task weight, the optimizer over the trained
-models and the loss adapters only, torchmetrics top-1/top-5 for every reported model, and a
-check that stops a run whose loss became NaN with a clear error.
+trained models (one student, N peers, a model with exits) and say what teaches what. Each scheme
+class also obtains its own sources before it is built (`sources_for`: a frozen teacher from the
+teacher store, fresh peers, or nothing), so the entry point never asks which kind it is. This
+base owns the rest: the configured knowledge terms and the run context they are given, the task
+weight, the optimizer over the trained models and the loss adapters only, torchmetrics top-1/top-5
+(fractions of samples) for every reported model, and a check that stops a run whose loss became
+NaN or infinite with a clear error.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.distributed import world_size
 from kdlab.errors import KdlabError
-from kdlab.knowledge import Knowledge
+from kdlab.knowledge import Knowledge, LossContext
+
+if TYPE_CHECKING:  # the store builds schemes to train teachers; schemes only receive it
+    from kdlab.teachers import TeacherRecord, TeacherStore
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+def fraction_correct(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
+    """The fraction of samples whose label is among the top-k predictions.
+
+    `average="micro"`: torchmetrics' MulticlassAccuracy averages per class by default ("macro"),
+    which is not the fraction of samples the results table promises.
+    """
+    return MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+
+
 def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Top-1, plus top-5 where it means something (20 classes or more)."""
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1)}
+    """Top-1, plus top-5 where it means something (20 classes or more), as fractions of samples."""
+    metrics = {"top1": fraction_correct(num_classes)}
     if num_classes >= 20:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5)
+        metrics["top5"] = fraction_correct(num_classes, top_k=5)
     return MetricCollection(metrics, prefix=prefix)
+
+
+@dataclass
+class Sources:
+    """What a scheme learns from, obtained before the scheme is built (`Scheme.sources_for`).
+
+    Attributes:
+        modules: keyword arguments for the scheme's constructor (e.g. `teacher=`, `earlier=`).
+        architectures: results-table name -> architecture name, for the models the sources add.
+        frozen: the record of the frozen teacher the knowledge comes from (None if there is none);
+            its outputs may be served from the teacher-output cache.
+        frozen_config: the frozen teacher's model config (its architecture, for the cache's key).
+    """
+
+    modules: dict[str, Any] = field(default_factory=dict)
+    architectures: dict[str, str] = field(default_factory=dict)
+    frozen: TeacherRecord | None = None
+    frozen_config: DictConfig | None = None
 
 
 def checked_knowledge(knowledge: Mapping[str, nn.Module] | None) -> dict[str, Knowledge]:
@@ -67,9 +102,17 @@ class Scheme(L.LightningModule):
         num_samples: the training split's index count, for losses with per-sample state.
     """
 
-    #: what the scheme does with the configured teacher model: nothing ("none"), distil from it
-    #: frozen ("pretrained": run.py loads or trains it first), or train it as a peer ("peer").
-    teacher_role = "none"
+    #: the scheme's name in metrics.json, logger tags and the log
+    name = "scheme"
+
+    @classmethod
+    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+        """What this scheme learns from, obtained before it is built: by default, nothing.
+
+        Called by the entry point (and scripts/bench.py) for every scheme the same way. A scheme
+        that needs a frozen teacher asks `store` for it; one that trains peers builds them here.
+        """
+        return Sources()
 
     def __init__(
         self,
@@ -87,8 +130,7 @@ class Scheme(L.LightningModule):
         # templates themselves for one student; copies per direction for peers).
         self.templates = checked_knowledge(knowledge)
         self.knowledge = nn.ModuleDict()
-        for term in self.templates.values():
-            term.num_samples = num_samples
+        self.num_samples = num_samples
         self.task_weight = resolve_task_weight(task_weight, list(self.templates.values()))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -100,6 +142,21 @@ class Scheme(L.LightningModule):
         self.test_metrics = nn.ModuleDict()
         # This epoch's training terms: (names, running sum, [step count]); see log_terms.
         self._epoch_terms: tuple[list[str], Tensor, list[int]] | None = None
+        # The first step whose loss was not finite (-1: none yet) and its terms; kept on the device
+        # and read only at the loggers' cadence and at epoch ends (see check_finite).
+        self._bad_step: Tensor | None = None
+        self._bad_terms: Tensor | None = None
+
+    def loss_context(self) -> LossContext:
+        """The run's state as the knowledge terms are given it (epoch 0 before training starts)."""
+        if self._trainer is None:
+            return LossContext(num_samples=self.num_samples)
+        return LossContext(
+            num_samples=self.num_samples,
+            epoch=self.current_epoch,
+            max_epochs=self.trainer.max_epochs,
+            step=self.global_step,
+        )
 
     # ------------------------------------------------------------ what subclasses provide
     def trained_models(self) -> dict[str, nn.Module]:
@@ -135,9 +192,6 @@ class Scheme(L.LightningModule):
 
     # ---------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
-        # Losses with schedules (e.g. DKD's warm-up) read the epoch from here, not from kwargs.
-        for term in self.knowledge_terms():
-            term.epoch = self.current_epoch
         self._epoch_terms = None  # a fresh sum (a resumed epoch averages its own steps)
 
     def log_terms(self, terms: Mapping[str, Tensor], loss: Tensor) -> None:
@@ -158,7 +212,7 @@ class Scheme(L.LightningModule):
             self._epoch_terms = (list(values), torch.zeros_like(stacked), [0])
         self._epoch_terms[1].add_(stacked)
         self._epoch_terms[2][0] += 1
-        self._last_terms = terms
+        self._note_nonfinite(stacked)
         if self._trainer is None:  # called outside a fit (e.g. a test's training_step): nothing to log to
             return
         # The steps the loggers write: Lightning's condition, (batches that stepped + 1) % n.
@@ -167,7 +221,9 @@ class Scheme(L.LightningModule):
                 self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=name == "train/loss")
 
     def on_train_epoch_end(self) -> None:
-        # Before the monitoring callbacks (checkpoints, early stopping) read the epoch's metrics.
+        # Before the monitoring callbacks (checkpoints, early stopping) read the epoch's metrics, so
+        # an epoch with a non-finite loss saves no checkpoint.
+        self.check_finite()
         if self._epoch_terms is None:
             return
         names, sums, (steps,) = self._epoch_terms
@@ -178,19 +234,41 @@ class Scheme(L.LightningModule):
             self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, prog_bar=bar, sync_dist=sync)
             self.log(name, value, on_step=False, on_epoch=True, logger=False, sync_dist=sync)
 
+    def _note_nonfinite(self, stacked: Tensor) -> None:
+        """Remember the first step whose loss (the last entry) is not finite, without a host sync."""
+        if self._bad_step is None or self._bad_step.device != stacked.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=stacked.device)
+            self._bad_terms = torch.zeros_like(stacked)
+        first = ~torch.isfinite(stacked[-1]) & (self._bad_step < 0)
+        step = self.global_step if self._trainer is not None else 0
+        self._bad_step = torch.where(first, step, self._bad_step)
+        if self._bad_terms.shape == stacked.shape:
+            self._bad_terms = torch.where(first, stacked, self._bad_terms)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Checked at the logging cadence only: the check syncs with the GPU.
-        if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) != 0:
+        # At the loggers' cadence only: reading the flag waits for the device.
+        if (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Stop with a clear error if any step so far had a NaN or infinite loss."""
+        if self._bad_step is None or int(self._bad_step) < 0:
             return
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        if loss is not None and not math.isfinite(float(loss)):
-            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in self._last_terms.items())
-            raise KdlabError(
-                f"The training loss became {float(loss)} at step {self.trainer.global_step} "
-                f"(epoch {self.current_epoch}; terms: {values}). Training stopped; checkpoints "
-                "saved so far are kept in the run directory. Lower the learning rate "
-                "(optimizer.lr), lower the weight of the term that diverged, or check the data."
-            )
+        names = list(self._epoch_terms[0]) if self._epoch_terms else []
+        values = ", ".join(
+            f"{name.removeprefix('train/')}={float(v):.4g}"
+            for name, v in zip(names, self._bad_terms, strict=False)
+        )
+        step, loss = int(self._bad_step), float(self._bad_terms[-1])
+        raise KdlabError(
+            f"The training loss became {loss} at step {step} (epoch {self.current_epoch}; terms at that "
+            f"step: {values or 'unknown'}), so training stopped. Checkpoints saved before it are kept in the "
+            "run directory; a teacher being trained is not stored. Lower the learning rate (optimizer.lr), "
+            "lower the weight of the term that diverged (knowledge.<name>.weight), or check the data."
+        )
 
     # -------------------------------------------------------------------- evaluation
     def evaluate(self, stage: str, models: Mapping[str, nn.Module], batch: Mapping[str, Tensor]) -> dict:

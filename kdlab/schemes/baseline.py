@@ -6,11 +6,33 @@ train teachers for offline distillation.
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
+import lightning as L
+from omegaconf import DictConfig
+
+from kdlab.schemes.base import Sources
 from kdlab.schemes.student import StudentScheme
+
+if TYPE_CHECKING:
+    from kdlab.teachers import TeacherStore
+
+log = logging.getLogger(__name__)
 
 
 class Baseline(StudentScheme):
     """Plain supervised training. Knowledge terms have no source here, so none are used."""
+
+    name = "baseline"
+
+    @classmethod
+    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+        if cfg.get("knowledge"):
+            log.info(
+                "mode=baseline trains with the task loss only; knowledge=%s is not used.", list(cfg.knowledge)
+            )
+        return Sources()
 
     def __init__(self, *args, **kwargs):
         kwargs["knowledge"] = None  # nothing to distil from

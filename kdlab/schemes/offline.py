@@ -22,18 +22,21 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.errors import KdlabError
+from kdlab.schemes.base import Sources, fraction_correct
 from kdlab.schemes.student import StudentScheme
 from kdlab.taps import Outputs
 
-if TYPE_CHECKING:  # kdlab.teacher_cache imports the teacher store, which imports the schemes
+if TYPE_CHECKING:
     from kdlab.teacher_cache import TeacherOutputs
+    from kdlab.teachers import TeacherStore
 
 # Lightning warns about modules in eval mode when fit starts: the frozen teacher is, on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -42,7 +45,18 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 class Offline(StudentScheme):
     """Student learns from a frozen teacher through the configured knowledge losses."""
 
-    teacher_role = "pretrained"
+    name = "offline"
+
+    @classmethod
+    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+        """The frozen teacher: `teacher.checkpoint`, else the store's (trained first if missing)."""
+        teacher, record = store.frozen_teacher(cfg, datamodule)
+        return Sources(
+            modules={"teacher": teacher},
+            architectures={"teacher": cfg.teacher.name},
+            frozen=record,
+            frozen_config=cfg.teacher,
+        )
 
     def __init__(
         self,
@@ -73,8 +87,9 @@ class Offline(StudentScheme):
         self.cache_covers_validation = False
         self.teacher_tap = self.tap(teacher, "teacher", "teacher")
         self.add_metrics("teacher", validate=False)
-        self.agreement = MulticlassAccuracy(self.num_classes, top_k=1)
-        self.val_agreement = MulticlassAccuracy(self.num_classes, top_k=1)
+        # The fraction of samples on which the student's top-1 class is the teacher's.
+        self.agreement = fraction_correct(self.num_classes)
+        self.val_agreement = fraction_correct(self.num_classes)
         self.mean_kl = MeanMetric()
         self.prepare()
 

@@ -16,16 +16,22 @@ validated and tested.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from kdlab.build import build_model
 from kdlab.errors import KdlabError
-from kdlab.schemes.base import Scheme
+from kdlab.schemes.base import Scheme, Sources
 from kdlab.taps import FeatureTap, Outputs, expand_layers
+
+if TYPE_CHECKING:
+    from kdlab.teachers import TeacherStore
 
 TARGETS = ("peers", "ensemble")
 ENSEMBLE = "ensemble"
@@ -37,7 +43,18 @@ class Online(Scheme):
     Peers are named "teacher", "student", then "peer3", "peer4", ... in metric keys.
     """
 
-    teacher_role = "peer"
+    name = "online"
+
+    @classmethod
+    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+        """Fresh, trainable peers: the configured teacher model, and `mode.extra_peers` (built like
+        the student, under their own model names)."""
+        teacher = build_model(cfg.teacher)
+        names = list(cfg.mode.get("extra_peers") or [])
+        extra = [build_model(cfg.student, name=name) for name in names]
+        architectures = {"teacher": cfg.teacher.name}
+        architectures.update({peer_name(i): name for i, name in enumerate(names)})
+        return Sources(modules={"teacher": teacher, "extra_peers": extra}, architectures=architectures)
 
     def __init__(
         self,
@@ -56,7 +73,7 @@ class Online(Scheme):
             )
         self.target = target
         named = {"teacher": teacher, "student": student}
-        named.update({f"peer{i + 3}": peer for i, peer in enumerate(extra_peers)})
+        named.update({peer_name(i): peer for i, peer in enumerate(extra_peers)})
         self.peers = nn.ModuleDict(named)
         self.knowledge = nn.ModuleDict({learner: self._directions(learner) for learner in self.peers})
         self.taps = {
@@ -77,21 +94,19 @@ class Online(Scheme):
         for source in self._sources_of(learner):
             terms = nn.ModuleDict()
             for name, template in self.templates.items():
-                term = copy.deepcopy(template)
-                term.student_layers = tuple(expand_layers(self.peers[learner], term.student_layers, learner))
+                student_layers = expand_layers(self.peers[learner], template.student_layers, learner)
                 if source == ENSEMBLE:
-                    if term.teacher_layers:
+                    if template.teacher_layers:
                         raise KdlabError(
                             f"mode.target=ensemble gives each peer the peers' averaged logits, which carry "
-                            f"no features, but knowledge.{name} reads {list(term.teacher_layers)}. Use "
+                            f"no features, but knowledge.{name} reads {list(template.teacher_layers)}. Use "
                             "response-based knowledge (e.g. knowledge=dml, kd, dkd or dist), or "
                             "mode.target=peers."
                         )
+                    teacher_layers = []
                 else:
-                    term.teacher_layers = tuple(
-                        expand_layers(self.peers[source], term.teacher_layers, source)
-                    )
-                terms[name] = term
+                    teacher_layers = expand_layers(self.peers[source], template.teacher_layers, source)
+                terms[name] = template.with_layers(student_layers, teacher_layers)
             directions[source] = terms
         return directions
 
@@ -117,10 +132,11 @@ class Online(Scheme):
             outputs = self.forward_peers(self.example_input_array)
             for name, out in outputs.items():
                 self.check_logits(out.logits, name)
+            context = self.loss_context()
             for learner, directions in self.knowledge.items():
                 for source, terms in directions.items():
                     for term in terms.values():
-                        term.build(outputs[learner], self.source_outputs(outputs, source))
+                        term.build(outputs[learner], self.source_outputs(outputs, source), context)
         finally:
             for name, peer in self.peers.items():
                 peer.train(modes[name])
@@ -137,6 +153,7 @@ class Online(Scheme):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self.forward_peers(batch["input"])
+        context = self.loss_context()
         terms: dict[str, Tensor] = {}
         loss = torch.zeros((), device=batch["input"].device)
         for learner, directions in self.knowledge.items():
@@ -146,7 +163,9 @@ class Online(Scheme):
             for name, template in self.templates.items():
                 # DML Eq. 10: the knowledge from the other peers is averaged over them.
                 per_source = [
-                    terms_of_source[name](outputs[learner], self.source_outputs(outputs, source), batch)
+                    terms_of_source[name](
+                        outputs[learner], self.source_outputs(outputs, source), batch, context
+                    )
                     for source, terms_of_source in directions.items()
                 ]
                 value = torch.stack(per_source).mean()
@@ -174,3 +193,8 @@ class Online(Scheme):
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._with_ensemble("test", super().test_step(batch, batch_idx), batch)
+
+
+def peer_name(extra_index: int) -> str:
+    """The metric name of the `extra_index`-th extra peer: peer3, peer4, ... (after teacher and student)."""
+    return f"peer{extra_index + 3}"

@@ -1,4 +1,4 @@
-"""PS-KD's per-sample memory of the model's own last-epoch predictions, and the targets built from it.
+"""PS-KD's per-sample memory of the model's own last-epoch predictions.
 
 Kim et al. 2021, "Self-Knowledge Distillation with Progressive Refinement of Targets" (ICCV),
 Sec. 3: the model at epoch t is trained against the soft target
@@ -11,7 +11,7 @@ a probability vector) and the linear schedule alpha_t = alpha_T * t / T.
 
 `PredictionBank` holds P_{t-1} for every training sample, keyed by `batch["index"]` like CRD's
 memory bank (kdlab.knowledge.contrastive), as buffers so that a resumed run keeps the targets the
-interrupted run would have used. A training step reads (`previous`, `soft_targets`) before it
+interrupted run would have used. A training step reads (`previous`) before it
 writes (`store`), so a step's own predictions never become targets within the same epoch.
 
 Under DDP `store` writes every process's rows (`kdlab.distributed.gather_rows`), so each process's
@@ -25,7 +25,6 @@ Cost: num_samples x num_classes float32 saved in the checkpoint: 2.4 MB for Fash
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.distributed import gather_rows
@@ -99,7 +98,7 @@ class PredictionBank(nn.Module):
     def store(self, index: Tensor, probs: Tensor, epoch: int) -> None:
         """Write `probs` (softmax outputs, one row per index) for `index`, tagged with `epoch`.
 
-        Call it after `previous`/`soft_targets` in the same step. Detached and cast to float32:
+        Call it after `previous` in the same step. Detached and cast to float32:
         the stored targets are constants of later epochs, not part of this step's graph. With a
         repeated index in one call, which of its rows is kept is unspecified (as for any indexed
         write); a sampler that draws each sample once per epoch never repeats one.
@@ -149,40 +148,3 @@ class PredictionBank(nn.Module):
             return 0.0
         ramp = float(alpha_T) * int(epoch) / (int(max_epochs) - 1)
         return min(max(ramp, 0.0), float(alpha_T))
-
-    def soft_targets(
-        self, index: Tensor, labels: Tensor, num_classes: int, epoch: int, alpha: float
-    ) -> Tensor:
-        """(1 - alpha) * one_hot(labels) + alpha * P_prev for rows with an earlier prediction.
-
-        Rows without one (first epoch, or a sample first drawn now) get the plain one-hot label:
-        mixing with the zeros they hold would shrink their target's total mass to 1 - alpha.
-        """
-        if int(num_classes) != self.num_classes:
-            raise KdlabError(
-                f"PS-KD's prediction bank holds {self.num_classes} classes, but soft targets were asked "
-                f"for {num_classes}. Build the bank with num_classes=data.num_classes of the data being "
-                "trained on."
-            )
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise KdlabError(
-                f"PS-KD's mixing weight alpha must lie in [0, 1], got {alpha}. Compute it with "
-                "PredictionBank.alpha(epoch, max_epochs, mode.alpha_T) with 0 <= mode.alpha_T <= 1."
-            )
-        p_prev, mask = self.previous(index, epoch)
-        one_hot = F.one_hot(labels.long(), self.num_classes).to(p_prev.dtype)
-        mixed = (1.0 - float(alpha)) * one_hot + float(alpha) * p_prev
-        return torch.where(mask.unsqueeze(1), mixed, one_hot)
-
-    @staticmethod
-    def loss(logits: Tensor, targets: Tensor) -> Tensor:
-        """H(targets, softmax(logits)) = -sum_c targets_c * log_softmax(logits)_c, batch mean."""
-        if logits.shape != targets.shape:
-            raise KdlabError(
-                f"PS-KD's loss compares logits with soft targets of the same shape, but got logits "
-                f"{tuple(logits.shape)} and targets {tuple(targets.shape)}. Build the targets with "
-                "soft_targets(...) for the same batch and the model's number of classes."
-            )
-        # Probability targets make cross_entropy the soft-target cross-entropy, averaged over the
-        # batch; the targets follow the logits' dtype so reduced-precision training does not mix types.
-        return F.cross_entropy(logits, targets.to(logits.dtype))

@@ -27,22 +27,25 @@ class StudentScheme(Scheme):
         super().__init__(*args, **kwargs)
         self.student = student
         self.model_name = model_name
-        self.knowledge = nn.ModuleDict(self.templates)
+        self.knowledge = nn.ModuleDict(self.templates)  # each tap() rebinds them to copies
         self.student_tap = self.tap(student, "student", model_name)
         self.add_metrics(model_name)
 
     def tap(self, model: nn.Module, side: str, role: str) -> FeatureTap:
         """A tap on `model` for the layers the knowledge terms read on `side` (student/teacher).
 
-        Group names ("stages", "last_stage") are expanded for this model first, in place, so each
-        term's `student_layers`/`teacher_layers` name the features it will find in `Outputs.feats`.
+        Group names ("stages", "last_stage") are expanded for this model first: each live term
+        is rebound to the expanded names (`Knowledge.with_layers`), so it finds them in `Outputs.feats`.
         """
-        attribute = f"{side}_layers"
-        for term in self.knowledge.values():
-            setattr(term, attribute, tuple(expand_layers(model, getattr(term, attribute), role)))
-        return FeatureTap(
-            model, [layer for t in self.knowledge.values() for layer in getattr(t, attribute)], role
-        )
+        for name, term in self.knowledge.items():
+            student_layers, teacher_layers = term.student_layers, term.teacher_layers
+            if side == "student":
+                student_layers = expand_layers(model, student_layers, role)
+            else:
+                teacher_layers = expand_layers(model, teacher_layers, role)
+            self.knowledge[name] = term.with_layers(student_layers, teacher_layers)
+        layers = [layer for t in self.knowledge.values() for layer in getattr(t, f"{side}_layers")]
+        return FeatureTap(model, layers, role)
 
     def trained_models(self) -> dict[str, nn.Module]:
         return {self.model_name: self.student}
@@ -66,8 +69,9 @@ class StudentScheme(Scheme):
             source = self.sources(x, {})
             if source is not None:
                 self.check_logits(source.logits, "teacher")
+                context = self.loss_context()
                 for term in self.knowledge.values():
-                    term.build(student, source)
+                    term.build(student, source, context)
         finally:
             self.student.train(was_training)
 
@@ -78,8 +82,9 @@ class StudentScheme(Scheme):
         """Unweighted loss terms: the task loss plus each knowledge term."""
         terms = {"task": F.cross_entropy(student.logits, batch["target"])}
         if source is not None:
+            context = self.loss_context()
             for name, term in self.knowledge.items():
-                terms[name] = term(student, source, batch)
+                terms[name] = term(student, source, batch, context)
         return terms
 
     def weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:
