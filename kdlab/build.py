@@ -7,7 +7,7 @@ teacher's own training run from the same functions, so both are configured ident
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hydra.utils
 import lightning as L
@@ -17,9 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.errors import KdlabError
-
-if TYPE_CHECKING:  # the schemes build their peers with build_model, so they import this module
-    from kdlab.schemes import Scheme
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -105,7 +102,7 @@ def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None) ->
     }
 
 
-def scheme_class(cfg: DictConfig) -> type[Scheme]:
+def scheme_class(cfg: DictConfig) -> type[L.LightningModule]:
     """The scheme class `mode=` builds."""
     return hydra.utils.get_class(cfg.mode._target_)
 
@@ -120,7 +117,7 @@ def build_scheme(
     student: nn.Module | None = None,
     optimizer_overrides: Mapping | None = None,
     **kwargs: Any,
-) -> Scheme:
+) -> L.LightningModule:
     """The `mode=` LightningModule (or `mode`, another scheme config) around a fresh student.
 
     `sources` are what the scheme learns from (`Scheme.sources_for(...).modules`, e.g. teacher=);

@@ -1,6 +1,6 @@
 """Distillation schemes (`mode=`): where the knowledge comes from, one module per scheme."""
 
-from kdlab.schemes.base import Scheme, Sources
+from kdlab.schemes.base import Scheme, Sources, TeacherProvider
 from kdlab.schemes.baseline import Baseline
 from kdlab.schemes.born_again import BornAgain
 from kdlab.schemes.byot import BYOT
@@ -19,4 +19,5 @@ __all__ = [
     "Scheme",
     "Sources",
     "StudentScheme",
+    "TeacherProvider",
 ]

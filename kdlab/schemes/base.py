@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -26,9 +26,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdlab.distributed import world_size
 from kdlab.errors import KdlabError
 from kdlab.knowledge import Knowledge, LossContext
-
-if TYPE_CHECKING:  # the store builds schemes to train teachers; schemes only receive it
-    from kdlab.teachers import TeacherRecord, TeacherStore
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -51,6 +48,19 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+class TeacherProvider(Protocol):
+    """Where a scheme gets frozen teachers from: kdlab.teachers.TeacherStore (which trains missing
+    ones with a scheme, so the schemes only know this interface, not the store)."""
+
+    def frozen_teacher(self, cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[nn.Module, Any]:
+        """The frozen teacher of offline distillation and its record (where it came from)."""
+
+    def generations(
+        self, cfg: DictConfig, datamodule: L.LightningDataModule, count: int
+    ) -> tuple[nn.Module, dict[str, nn.Module], Any]:
+        """Born-Again's generations 0..count-1: the last, the earlier ones by name, the last's record."""
+
+
 @dataclass
 class Sources:
     """What a scheme learns from, obtained before the scheme is built (`Scheme.sources_for`).
@@ -58,14 +68,15 @@ class Sources:
     Attributes:
         modules: keyword arguments for the scheme's constructor (e.g. `teacher=`, `earlier=`).
         architectures: results-table name -> architecture name, for the models the sources add.
-        frozen: the record of the frozen teacher the knowledge comes from (None if there is none);
+        frozen: the record (kdlab.teachers.TeacherRecord) of the frozen teacher the knowledge comes
+            from, or None;
             its outputs may be served from the teacher-output cache.
         frozen_config: the frozen teacher's model config (its architecture, for the cache's key).
     """
 
     modules: dict[str, Any] = field(default_factory=dict)
     architectures: dict[str, str] = field(default_factory=dict)
-    frozen: TeacherRecord | None = None
+    frozen: Any = None
     frozen_config: DictConfig | None = None
 
 
@@ -106,7 +117,9 @@ class Scheme(L.LightningModule):
     name = "scheme"
 
     @classmethod
-    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+    def sources_for(
+        cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherProvider
+    ) -> Sources:
         """What this scheme learns from, obtained before it is built: by default, nothing.
 
         Called by the entry point (and scripts/bench.py) for every scheme the same way. A scheme

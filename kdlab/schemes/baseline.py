@@ -7,16 +7,12 @@ train teachers for offline distillation.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import lightning as L
 from omegaconf import DictConfig
 
-from kdlab.schemes.base import Sources
+from kdlab.schemes.base import Sources, TeacherProvider
 from kdlab.schemes.student import StudentScheme
-
-if TYPE_CHECKING:
-    from kdlab.teachers import TeacherStore
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +23,9 @@ class Baseline(StudentScheme):
     name = "baseline"
 
     @classmethod
-    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+    def sources_for(
+        cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherProvider
+    ) -> Sources:
         if cfg.get("knowledge"):
             log.info(
                 "mode=baseline trains with the task loss only; knowledge=%s is not used.", list(cfg.knowledge)

@@ -7,17 +7,13 @@ architecture; the earlier ones are frozen teachers kept in the teacher store.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import lightning as L
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.schemes.base import Sources
+from kdlab.schemes.base import Sources, TeacherProvider
 from kdlab.schemes.offline import Offline
-
-if TYPE_CHECKING:
-    from kdlab.teachers import TeacherStore
 
 
 class BornAgain(Offline):
@@ -33,7 +29,9 @@ class BornAgain(Offline):
     name = "born_again"
 
     @classmethod
-    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+    def sources_for(
+        cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherProvider
+    ) -> Sources:
         """Generations 0..K-1 of the student's architecture, from the store (trained if missing)."""
         teacher, earlier, record = store.generations(cfg, datamodule, int(cfg.mode.generations))
         architectures = {name: cfg.student.name for name in ("teacher", *earlier)}

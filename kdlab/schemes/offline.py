@@ -30,13 +30,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from kdlab.errors import KdlabError
-from kdlab.schemes.base import Sources, fraction_correct
+from kdlab.schemes.base import Sources, TeacherProvider, fraction_correct
 from kdlab.schemes.student import StudentScheme
 from kdlab.taps import Outputs
 
 if TYPE_CHECKING:
     from kdlab.teacher_cache import TeacherOutputs
-    from kdlab.teachers import TeacherStore
 
 # Lightning warns about modules in eval mode when fit starts: the frozen teacher is, on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -48,7 +47,9 @@ class Offline(StudentScheme):
     name = "offline"
 
     @classmethod
-    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+    def sources_for(
+        cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherProvider
+    ) -> Sources:
         """The frozen teacher: `teacher.checkpoint`, else the store's (trained first if missing)."""
         teacher, record = store.frozen_teacher(cfg, datamodule)
         return Sources(

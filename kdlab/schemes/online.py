@@ -17,7 +17,6 @@ validated and tested.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -27,11 +26,8 @@ from torch import Tensor, nn
 
 from kdlab.build import build_model
 from kdlab.errors import KdlabError
-from kdlab.schemes.base import Scheme, Sources
+from kdlab.schemes.base import Scheme, Sources, TeacherProvider
 from kdlab.taps import FeatureTap, Outputs, expand_layers
-
-if TYPE_CHECKING:
-    from kdlab.teachers import TeacherStore
 
 TARGETS = ("peers", "ensemble")
 ENSEMBLE = "ensemble"
@@ -46,7 +42,9 @@ class Online(Scheme):
     name = "online"
 
     @classmethod
-    def sources_for(cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherStore) -> Sources:
+    def sources_for(
+        cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherProvider
+    ) -> Sources:
         """Fresh, trainable peers: the configured teacher model, and `mode.extra_peers` (built like
         the student, under their own model names)."""
         teacher = build_model(cfg.teacher)
