@@ -61,6 +61,12 @@ def z_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, F.normalize(torch.randn(3, DIM, generator=generator), dim=1)
 
 
+def scores(crd: CRD, rows: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """CRD's scores for these drawn rows: a bank that holds just them, each drawn once."""
+    draws = torch.arange(rows.shape[0] * rows.shape[1]).view(rows.shape[:2])
+    return crd.scores(rows.reshape(-1, rows.shape[2]), draws, anchors, direction=0)
+
+
 def worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP thread pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -71,8 +77,8 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             index = torch.tensor(STEPS[step][rank])
             crd.update_memory(index, rows["v_s"][mine], rows["v_t"][mine])
             bank.store(index, rows["probs"][mine], epoch=step)
-        crd.scores(*z_inputs(rank), direction=0)
-        crd.scores(*z_inputs(1 - rank), direction=0)  # a second call must keep the first Z
+        scores(crd, *z_inputs(rank))
+        scores(crd, *z_inputs(1 - rank))  # a second call must keep the first Z
         mean = mean_across_processes(torch.tensor([float(rank)]))
         torch.save(
             {"crd": crd.state_dict(), "bank": bank.state_dict(), "mean": mean},
@@ -99,7 +105,7 @@ def test_banks_stay_identical_across_processes_and_equal_one_process_with_the_un
         crd.update_memory(index[keep], rows["v_s"][keep], rows["v_t"][keep])
         bank.store(index[keep], rows["probs"][keep], epoch=step)
     first_rows, first_anchors = zip(*(z_inputs(rank) for rank in range(WORLD)), strict=True)
-    crd.scores(torch.cat(first_rows), torch.cat(first_anchors), direction=0)  # Z over the union
+    scores(crd, torch.cat(first_rows), torch.cat(first_anchors))  # Z over the union
 
     for state in states:
         assert state["mean"].item() == 0.5

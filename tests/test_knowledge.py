@@ -152,3 +152,70 @@ def test_dist_is_zero_when_student_equals_teacher_and_scales_by_tau_squared():
 def test_response_losses_refuse_non_positive_temperature(loss):
     with pytest.raises(KdlabError, match="temperature must be a finite number > 0"):
         loss(temperature=0)
+
+
+# Reference values: the loss functions of the logit-standardisation authors' code
+# (github.com/sunshangquan/logit-standardization-KD, commit f6e5aa5, mdistiller/distillers/KD.py
+# `kd_loss` and DKD.py `dkd_loss`), run once on these float64 inputs (torch.Generator seed 0).
+LS_STUDENT = [
+    [-6.931235400702528, -1.119752583773293, -3.1824500356388588, 2.998528064343528, -0.05989425272328796],
+    [0.6308996703050841, 0.5315680541809975, -2.491530153025347, 0.7161541745045119, 2.2005851055818524],
+    [-3.9656454874264133, 3.94443409559137, -2.061011082130639, 4.464222947432017, -1.3452474141343533],
+    [-2.6730091055122127, 2.0245726307820116, 3.1405961309443966, 0.46288553593976844, -2.2496745685175825],
+]
+LS_TEACHER = [
+    [-5.327326540142452, -4.597675915135627, 6.832428602627427, 5.631162286484389, -4.20941429850165],
+    [5.868065105239555, 0.6279027633453325, 5.326948539324389, 5.9727646255593765, 1.5747210397948628],
+    [1.723345073802166, 6.370858591290341, -2.818318297436438, 7.6247164655773, 1.2918738526575628],
+    [-4.008345014171189, 5.175737863521182, -0.46430733136876867, -1.8937180425391844, -16.398176207854938],
+]
+LS_TARGET = [0, 3, 1, 4]
+LS_REFERENCE = {  # (method, T): the authors' value
+    ("kd", 2.0): 0.4362188836889615,
+    ("kd", 4.0): 0.47083885360832023,
+    ("dkd", 2.0): 4.2209699416688755,
+    ("dkd", 4.0): 4.486635615746188,
+}
+
+
+@pytest.mark.parametrize(("method", "temperature"), list(LS_REFERENCE))
+def test_logit_standardisation_matches_the_authors_code(method, temperature):
+    s, t = torch.tensor(LS_STUDENT, dtype=torch.float64), torch.tensor(LS_TEACHER, dtype=torch.float64)
+    batch = {"target": torch.tensor(LS_TARGET)}
+    if method == "kd":
+        loss = KD(temperature=temperature, logit_standardization=True)
+    else:
+        loss = DKD(alpha=1, beta=8, temperature=temperature, warmup_epochs=0, logit_standardization=True)
+    value = loss(Outputs(s), Outputs(t), batch).item()
+    assert value == pytest.approx(LS_REFERENCE[method, temperature], rel=1e-5)
+
+
+def test_standardized_logits_by_hand_and_the_invariance_the_paper_states():
+    from kdlab.knowledge.response import standardized
+
+    # [1, 2, 3]: mean 2, sample standard deviation 1.
+    z = standardized(torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+    assert z.tolist()[0] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    # Sec. 3: with standardisation the loss does not change when a model's logits are shifted and
+    # scaled per sample, so the student need not match the teacher's logit magnitude.
+    s, t = torch.tensor(LS_STUDENT, dtype=torch.float64), torch.tensor(LS_TEACHER, dtype=torch.float64)
+    scale, shift = torch.tensor([[0.5], [3.0], [7.0], [1.5]], dtype=torch.float64), 4.0
+    kd = KD(temperature=2, logit_standardization=True)
+    base = kd(Outputs(s), Outputs(t), {}).item()
+    # (up to the eps added to the standard deviation)
+    assert kd(Outputs(s), Outputs(t * scale + shift), {}).item() == pytest.approx(base, rel=1e-6)
+    assert kd(Outputs(s * scale - shift), Outputs(t), {}).item() == pytest.approx(base, rel=1e-6)
+    assert KD(temperature=2)(Outputs(s), Outputs(t * scale), {}).item() != pytest.approx(base)
+
+
+def test_the_ls_config_is_the_authors_kd_recipe(tmp_path):
+    from tests.conftest import compose_config, fast_overrides
+
+    cfg = compose_config([*fast_overrides(tmp_path), "knowledge=ls"])
+    node = cfg.knowledge.ls
+    assert (node.temperature, node.weight, node.task_weight, node.logit_standardization) == (
+        2.0,
+        9.0,
+        0.1,
+        True,
+    )

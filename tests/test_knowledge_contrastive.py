@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge import CRD, LossContext
+from kdlab.knowledge import CRD, LossContext, contrastive
 from kdlab.knowledge.contrastive import nce_loss
 from kdlab.taps import Outputs
 
@@ -95,3 +95,29 @@ def test_crd_without_the_split_size_or_with_several_layers_is_refused():
         )
     with pytest.raises(KdlabError, match="one embedding per model"):
         CRD(student_layers=["stage1", "stage2"])
+
+
+def test_the_whole_bank_product_equals_the_reference_gather(monkeypatch):
+    # The two ways to get each sample's (K+1) dot products give the same loss, gradients and banks.
+    def run(ratio):
+        monkeypatch.setattr(contrastive, "FULL_PRODUCT_RATIO", ratio)
+        torch.manual_seed(0)
+        crd = built_crd(num_samples=200)
+        student = torch.randn(6, 6, 1, 1, requires_grad=True)
+        outputs = Outputs(torch.zeros(6, 3), {"embedding": student})
+        source = Outputs(torch.zeros(6, 3), {"embedding": torch.randn(6, 10, 1, 1)})
+        losses = []
+        for step in range(2):  # the second step reads banks the first one wrote
+            torch.manual_seed(step)
+            losses.append(crd(outputs, source, {"index": torch.arange(6) + 6 * step}))
+        sum(losses).backward()
+        return (
+            torch.stack(losses).detach(),
+            student.grad,
+            crd.memory_student.clone(),
+            crd.embed_student.weight.grad,
+        )
+
+    product, gather = run(16), run(0)  # N=200 <= 16 * 9 draws: the product; ratio 0: the gather
+    for a, b in zip(product, gather, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -21,17 +21,28 @@ class KD(Knowledge):
     ("batchmean": summed over classes, then divided by the batch size). The T^2 factor keeps
     the gradient scale independent of T (Sec. 2.1). Defaults are the CRD benchmark recipe:
     T=4, weight 0.9, task (cross-entropy) weight 0.1.
+
+    `logit_standardization: true` z-scores both models' logits per sample first (`standardized`;
+    Sun et al. 2024, "Logit Standardization in Knowledge Distillation"), so the student matches the
+    teacher's ranking of the classes, not the magnitude of its logits; the `ls` config holds that
+    paper's recipe.
     """
 
     key = "kd"
 
     def __init__(
-        self, temperature: float = 4.0, weight: float = 0.9, task_weight: float = 0.1, name: str | None = None
+        self,
+        temperature: float = 4.0,
+        weight: float = 0.9,
+        task_weight: float = 0.1,
+        logit_standardization: bool = False,
+        name: str | None = None,
     ):
         super().__init__(weight=weight, task_weight=task_weight, name=name)
         self.temperature = checked_number(
             temperature, self.name, "temperature", 4, why="it divides the logits"
         )
+        self.logit_standardization = bool(logit_standardization)
 
     def soft_targets(self, logits: Tensor) -> Tensor:
         """softmax(logits / T): the teacher's soft targets at this temperature."""
@@ -44,9 +55,24 @@ class KD(Knowledge):
         batch: Mapping[str, Tensor],
         context: LossContext | None = None,
     ) -> Tensor:
-        log_q = F.log_softmax(student.logits / self.temperature, dim=1)
-        kl = F.kl_div(log_q, self.soft_targets(source.logits), reduction="batchmean")
+        s, t = student.logits, source.logits
+        if self.logit_standardization:
+            s, t = standardized(s), standardized(t)
+        log_q = F.log_softmax(s / self.temperature, dim=1)
+        kl = F.kl_div(log_q, self.soft_targets(t), reduction="batchmean")
         return kl * self.temperature**2
+
+
+def standardized(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each sample's logits z-scored, (z - mean(z)) / (std(z) + eps), before the temperature softmax.
+
+    Sun et al. 2024, "Logit Standardization in Knowledge Distillation" (CVPR), Sec. 3.3: the
+    Z-score function Z(z) that replaces z in softmax(z / T), making the soft targets invariant to a
+    shift and a positive scaling of each sample's logits. The standard deviation has Bessel's
+    correction and eps is added to it, as in the authors' code (commit f6e5aa5, `normalize`).
+    """
+    mean = logits.mean(dim=1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=1, keepdim=True) + eps)
 
 
 class DKD(Knowledge):
@@ -59,6 +85,8 @@ class DKD(Knowledge):
     the batch. The loss ramps up linearly over the first `warmup_epochs` epochs, so it needs the
     run's epoch: `forward`'s `context` (kdlab.knowledge.LossContext). Defaults are the paper's
     CIFAR-100 recipe (mdistiller): alpha 1, beta 8, T 4, warm-up 20 epochs, cross-entropy weight 1.
+    `logit_standardization: true` z-scores the logits first, as for KD (Sun et al. 2024; their DKD
+    recipe: T 2, alpha and beta times 9, i.e. knowledge.dkd.weight=9).
     """
 
     key = "dkd"
@@ -71,9 +99,11 @@ class DKD(Knowledge):
         warmup_epochs: int = 20,
         weight: float = 1.0,
         task_weight: float = 1.0,
+        logit_standardization: bool = False,
         name: str | None = None,
     ):
         super().__init__(weight=weight, task_weight=task_weight, name=name)
+        self.logit_standardization = bool(logit_standardization)
         self.temperature = checked_number(
             temperature, self.name, "temperature", 4, why="it divides the logits"
         )
@@ -100,7 +130,10 @@ class DKD(Knowledge):
         batch: Mapping[str, Tensor],
         context: LossContext | None = None,
     ) -> Tensor:
-        s, t, T = student.logits / self.temperature, source.logits / self.temperature, self.temperature
+        s, t, T = student.logits, source.logits, self.temperature
+        if self.logit_standardization:  # Sun et al. 2024, as for KD (`standardized`)
+            s, t = standardized(s), standardized(t)
+        s, t = s / T, t / T
         target = F.one_hot(batch["target"], s.shape[1]).bool()
         tckd = F.kl_div(binary_log_probs(s, target), binary_log_probs(t, target).exp(), reduction="batchmean")
         # Non-target classes only: drop the target column and renormalise over the rest.
