@@ -219,3 +219,41 @@ def test_the_ls_config_is_the_authors_kd_recipe(tmp_path):
         0.1,
         True,
     )
+
+
+# NKD's reference: the authors' NKDLoss (github.com/yzd-v/cls_KD, commit 1e5d48f,
+# mmcls/models/dis_losses/nkd.py), run once on the inputs above: (T, gamma) -> value.
+NKD_REFERENCE = {(1.0, 1.5): 3.7575724718297905, (4.0, 1.5): 33.23263661665143, (2.0, 0.5): 3.254979502283024}
+
+
+@pytest.mark.parametrize(("temperature", "gamma"), list(NKD_REFERENCE))
+def test_nkd_matches_the_authors_code(temperature, gamma):
+    from kdlab.knowledge import NKD
+
+    s, t = torch.tensor(LS_STUDENT, dtype=torch.float64), torch.tensor(LS_TEACHER, dtype=torch.float64)
+    loss = NKD(temperature=temperature, gamma=gamma)(
+        Outputs(s), Outputs(t), {"target": torch.tensor(LS_TARGET)}
+    )
+    assert loss.item() == pytest.approx(NKD_REFERENCE[temperature, gamma], rel=1e-5)
+
+
+def test_nkd_by_hand():
+    from kdlab.knowledge import NKD
+
+    # Two classes: one non-target class, whose renormalised distribution is [1] on both sides, so
+    # only the target term is left: -p_t^teacher * log p_t^student.
+    s, t = torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    p_teacher = math.exp(0) / (math.exp(0) + math.exp(2))
+    log_p_student = 1 - math.log(math.exp(1) + 1)
+    value = NKD(gamma=7.0)(Outputs(s), Outputs(t), {"target": torch.tensor([0])}).item()
+    assert value == pytest.approx(-p_teacher * log_p_student, rel=1e-12)
+    # Three classes, T=1, gamma=1: the non-target part is -sum q_t log q_s over the other two.
+    s = torch.tensor([[0.0, 1.0, 3.0]], dtype=torch.float64)
+    t = torch.tensor([[2.0, 0.0, 1.0]], dtype=torch.float64)
+    q_t = [math.exp(0) / (math.exp(0) + math.exp(1)), math.exp(1) / (math.exp(0) + math.exp(1))]
+    log_q_s = [1 - math.log(math.exp(1) + math.exp(3)), 3 - math.log(math.exp(1) + math.exp(3))]
+    p_t = math.exp(2) / (math.exp(2) + 1 + math.exp(1))
+    log_p_s = 0 - math.log(1 + math.exp(1) + math.exp(3))
+    expected = -p_t * log_p_s - sum(a * b for a, b in zip(q_t, log_q_s, strict=True))
+    value = NKD(temperature=1, gamma=1)(Outputs(s), Outputs(t), {"target": torch.tensor([0])}).item()
+    assert value == pytest.approx(expected, rel=1e-12)

@@ -6,18 +6,21 @@ list of them (`knowledge=[kd,at]`), and every scheme sums them with the task los
 
 from kdlab.knowledge.base import Knowledge, LossContext
 from kdlab.knowledge.contrastive import CRD
+from kdlab.knowledge.ctkd import CTKD
 from kdlab.knowledge.feature import AT, NST, VID, CosineHint, FeatureL2, FitNet
 from kdlab.knowledge.relation import CC, FSP, PKT, RKD, SP
-from kdlab.knowledge.response import DIST, DKD, KD
+from kdlab.knowledge.response import DIST, DKD, KD, NKD
 
 __all__ = [
     "AT",
     "CC",
     "CRD",
+    "CTKD",
     "DIST",
     "DKD",
     "FSP",
     "KD",
+    "NKD",
     "NST",
     "PKT",
     "RKD",

@@ -192,6 +192,57 @@ class DIST(Knowledge):
         return self.temperature**2 * (self.beta * inter + self.gamma * intra)
 
 
+class NKD(Knowledge):
+    """Yang et al. 2023, "From Knowledge Distillation to Self-Knowledge Distillation: A Unified
+    Approach with Normalized Loss and Customized Soft Labels" (ICCV), Sec. 3, the normalized KD loss.
+
+    KD's loss splits into a target term and a non-target term whose scale shrinks with the teacher's
+    target probability; NKD normalises the non-target part. With p = softmax at T=1 and, over the
+    non-target classes alone, p~ = softmax(z / T) renormalised among them:
+
+        L = -p_t^teacher * log p_t^student - gamma * T^2 * sum_{i != t} p~_i^teacher * log p~_i^student
+
+    averaged over the batch (the second term is a cross-entropy, the teacher's entropy included, as
+    in the authors' code). Defaults are the authors' (github.com/yzd-v/cls_KD, commit 1e5d48f,
+    NKDLoss): T=1, gamma 1.5, weight 1, cross-entropy weight 1.
+    """
+
+    key = "nkd"
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        gamma: float = 1.5,
+        weight: float = 1.0,
+        task_weight: float = 1.0,
+        name: str | None = None,
+    ):
+        super().__init__(weight=weight, task_weight=task_weight, name=name)
+        self.temperature = checked_number(
+            temperature, self.name, "temperature", 1, why="it divides the logits"
+        )
+        self.gamma = checked_number(gamma, self.name, "gamma", 1.5, strict=False)
+
+    def forward(
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
+        s, t, T = student.logits, source.logits.detach(), self.temperature
+        target = batch["target"].view(-1, 1)
+        p_t = F.softmax(t, dim=1).gather(1, target)
+        log_p_s = F.log_softmax(s, dim=1).gather(1, target)
+        target_term = -(p_t * log_p_s).mean()
+        # The non-target classes alone: drop the target column, renormalise by a softmax over the rest.
+        rest = torch.ones_like(s, dtype=torch.bool).scatter_(1, target, False)
+        shape = (s.shape[0], s.shape[1] - 1)
+        s_rest, t_rest = s[rest].view(shape), t[rest].view(shape)
+        cross = (F.softmax(t_rest / T, dim=1) * F.log_softmax(s_rest / T, dim=1)).sum(dim=1).mean()
+        return target_term - self.gamma * T**2 * cross
+
+
 def pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
     """Pearson correlation of a and b along `dim` (the cosine similarity of the centred vectors)."""
     a = a - a.mean(dim=dim, keepdim=True)
