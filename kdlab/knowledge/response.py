@@ -136,11 +136,15 @@ class DKD(Knowledge):
         s, t = s / T, t / T
         target = F.one_hot(batch["target"], s.shape[1]).bool()
         tckd = F.kl_div(binary_log_probs(s, target), binary_log_probs(t, target).exp(), reduction="batchmean")
-        # Non-target classes only: drop the target column and renormalise over the rest.
-        rest = (s.shape[0], s.shape[1] - 1)
-        s_rest, t_rest = s[~target].view(rest), t[~target].view(rest)
+        # Non-target classes only, renormalised over the rest by the softmax.
+        s_rest, t_rest = non_target(s, target), non_target(t, target)
         nckd = F.kl_div(F.log_softmax(s_rest, dim=1), F.softmax(t_rest, dim=1), reduction="batchmean")
         return self.warmup_factor(context) * (self.alpha * tckd + self.beta * nckd) * T**2
+
+
+def non_target(logits: Tensor, target: Tensor) -> Tensor:
+    """Each row without its target class's column: (B, C-1). `target` is the (B, C) one-hot mask."""
+    return logits[~target].view(logits.shape[0], logits.shape[1] - 1)
 
 
 def binary_log_probs(logits: Tensor, target: Tensor) -> Tensor:
@@ -235,10 +239,9 @@ class NKD(Knowledge):
         p_t = F.softmax(t, dim=1).gather(1, target)
         log_p_s = F.log_softmax(s, dim=1).gather(1, target)
         target_term = -(p_t * log_p_s).mean()
-        # The non-target classes alone: drop the target column, renormalise by a softmax over the rest.
-        rest = torch.ones_like(s, dtype=torch.bool).scatter_(1, target, False)
-        shape = (s.shape[0], s.shape[1] - 1)
-        s_rest, t_rest = s[rest].view(shape), t[rest].view(shape)
+        # The non-target classes alone, renormalised over the rest by the softmax.
+        mask = F.one_hot(batch["target"], s.shape[1]).bool()
+        s_rest, t_rest = non_target(s, mask), non_target(t, mask)
         cross = (F.softmax(t_rest / T, dim=1) * F.log_softmax(s_rest / T, dim=1)).sum(dim=1).mean()
         return target_term - self.gamma * T**2 * cross
 
