@@ -4,10 +4,17 @@ A `FeatureTap` wraps an unmodified model (kdlab's own, torchvision's, anyone's) 
 `Outputs(logits, feats)`, where `feats` holds the outputs of exactly the submodules that
 the knowledge losses asked for. Hooks are registered once, before any `torch.compile`,
 and cost nothing for layers nobody asked for.
+
+A path ending in ":input" taps what a module is given rather than what it returns. Models use
+it for their pre-activation tap points ("stage2_preact": the input of the stage's last ReLU,
+which OFD and ReviewKD read): where a ReLU is called more than once per block (torchvision's
+blocks reuse one), the last call's input is kept, which is the sum before the block's final
+activation. An in-place ReLU would overwrite what it is given, so that input is cloned.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,15 +24,36 @@ from torch import Tensor, nn
 from kdlab.errors import KdlabError
 
 
+INPUT_SUFFIX = ":input"
+
+
 @dataclass
 class Outputs:
-    """What a model hands to the knowledge losses: its logits and the tapped features."""
+    """What a model hands to the knowledge losses.
+
+    Attributes:
+        logits: the model's logits for the batch's main input.
+        feats: the tapped features, by the names the losses asked for.
+        views: the same outputs for each extra view of the batch a loss declared (e.g. "strong"),
+            computed by the scheme (see `Knowledge.views`).
+        model: the live model these outputs came from, for losses that use its parts (its
+            classifier, its BatchNorm statistics: see kdlab.heads), or None where there is no
+            such model (an ensemble, a bank of past predictions). It is the real module, never
+            a copy; kdlab.heads reads it without letting a gradient reach it.
+    """
 
     logits: Tensor
     feats: dict[str, Tensor] = field(default_factory=dict)
+    views: dict[str, Outputs] = field(default_factory=dict)
+    model: nn.Module | None = None
 
     def detach(self) -> Outputs:
-        return Outputs(self.logits.detach(), {k: v.detach() for k, v in self.feats.items()})
+        return Outputs(
+            self.logits.detach(),
+            {k: v.detach() for k, v in self.feats.items()},
+            {k: v.detach() for k, v in self.views.items()},
+            self.model,
+        )
 
 
 def module_paths(model: nn.Module) -> list[str]:
@@ -34,30 +62,50 @@ def module_paths(model: nn.Module) -> list[str]:
 
 
 def resolve_layer(model: nn.Module, name: str) -> str:
-    """A layer name as a module path: a model's named tap point (e.g. "stage2") or a path."""
+    """A layer name as a module path: a model's named tap point (e.g. "stage2") or a path.
+
+    The path may end in ":input" (the module's input is tapped, not its output).
+    """
     return getattr(model, "tap_points", {}).get(name, name)
+
+
+def split_input_suffix(path: str) -> tuple[str, bool]:
+    """("layer1.2.relu", True) for "layer1.2.relu:input"; (path, False) otherwise."""
+    if path.endswith(INPUT_SUFFIX):
+        return path[: -len(INPUT_SUFFIX)], True
+    return path, False
+
+
+def stage_aliases(model: nn.Module, suffix: str = "") -> list[str]:
+    """The model's stage tap points (stage1..stageN, or stage1_preact.. with `suffix`), by depth."""
+    pattern = re.compile(rf"stage(\d+){re.escape(suffix)}")
+    found = [(int(m.group(1)), alias) for alias in getattr(model, "tap_points", {}) if (m := pattern.fullmatch(alias))]
+    return [alias for _, alias in sorted(found)]
+
+
+# Group names a loss config may use, and the suffix of the tap points each one expands to.
+GROUPS = {"stages": "", "last_stage": "", "stages_preact": "_preact", "last_stage_preact": "_preact"}
 
 
 def expand_layers(model: nn.Module, names: Iterable[str], role: str = "model") -> list[str]:
     """Expand the group names a loss config may use into the model's own tap points.
 
-    "stages" is every stage output in order (stage1..stageN) and "last_stage" the deepest,
-    so one config (e.g. attention transfer on all stages) fits models of any depth.
+    "stages" is every stage output in order (stage1..stageN) and "last_stage" the deepest, so one
+    config (e.g. attention transfer on all stages) fits models of any depth; "stages_preact" and
+    "last_stage_preact" are the same before each stage's final ReLU (kdlab.models.preact).
     """
-    stages = sorted(
-        (alias for alias in getattr(model, "tap_points", {}) if alias.startswith("stage")),
-        key=lambda alias: int(alias[len("stage") :]),
-    )
     expanded: list[str] = []
     for name in names:
-        if name in ("stages", "last_stage"):
+        if name in GROUPS:
+            stages = stage_aliases(model, GROUPS[name])
             if not stages:
+                kind = "pre-activation stage taps" if GROUPS[name] else "named stages"
                 raise KdlabError(
-                    f"The {role} ({type(model).__name__}) has no named stages, so '{name}' means nothing "
+                    f"The {role} ({type(model).__name__}) has no {kind}, so '{name}' means nothing "
                     f"for it. Name its layers by module path instead, e.g. "
                     f"knowledge.<name>.{role}_layers=[{', '.join(module_paths(model)[:3])}]."
                 )
-            expanded += stages if name == "stages" else stages[-1:]
+            expanded += stages if name.startswith("stages") else stages[-1:]
         else:
             expanded.append(name)
     return expanded
@@ -74,23 +122,31 @@ class FeatureTap:
         self.model = model
         self.layers = tuple(dict.fromkeys(layers))  # de-duplicated, order kept
         modules = dict(model.named_modules())
-        unknown = [name for name in self.layers if resolve_layer(model, name) not in modules or not name]
+        paths = {name: split_input_suffix(resolve_layer(model, name)) for name in self.layers}
+        unknown = [name for name in self.layers if paths[name][0] not in modules or not name]
         if unknown:
             raise KdlabError(unknown_layer_message(model, unknown, role))
         self._feats: dict[str, Tensor] = {}
-        self._handles = [
-            modules[resolve_layer(model, name)].register_forward_hook(partial(self._store, name))
-            for name in self.layers
-        ]
+        self._handles = []
+        for name, (path, takes_input) in paths.items():
+            module = modules[path]
+            if takes_input:
+                hook = partial(self._store_input, name, bool(getattr(module, "inplace", False)))
+                self._handles.append(module.register_forward_pre_hook(hook))
+            else:
+                self._handles.append(module.register_forward_hook(partial(self._store, name)))
 
     def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._feats[name] = output
+
+    def _store_input(self, name: str, inplace: bool, module: nn.Module, args: tuple) -> None:
+        self._feats[name] = args[0].clone() if inplace else args[0]
 
     def __call__(self, x: Tensor) -> Outputs:
         self._feats = {}
         logits = self.model(x)
         feats, self._feats = self._feats, {}
-        return Outputs(logits, feats)
+        return Outputs(logits, feats, model=self.model)
 
     def remove(self) -> None:
         """Detach the hooks, leaving the model exactly as it was."""

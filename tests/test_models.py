@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from kdlab.errors import KdlabError
 from kdlab.models import create_model, list_models, load_weights, register_model
+from kdlab.taps import FeatureTap, stage_aliases
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -86,13 +87,11 @@ def test_tap_points_name_module_paths_in_order(name):
     # 16x16 input keeps this cheap; the shape tests above cover full-size inputs.
     model = create_model(name, num_classes=10, input_size=16).eval()
     points = model.tap_points
-    stages = [alias for alias in points if alias.startswith("stage")]
+    stages = stage_aliases(model)
     assert stages == [f"stage{i}" for i in range(1, len(stages) + 1)] and "embedding" in points, points
-    seen = {}
-    for alias, path in points.items():
-        model.get_submodule(path).register_forward_hook(lambda m, i, o, a=alias: seen.__setitem__(a, o))
+    tap = FeatureTap(model, list(points))  # module outputs, and module inputs for ":input" points
     with torch.no_grad():
-        model(torch.randn(2, 3, 16, 16))
+        seen = tap(torch.randn(2, 3, 16, 16)).feats
     assert set(seen) == set(points)
     assert all(seen[s].dim() == 4 for s in stages)
     assert seen["embedding"].flatten(1).shape[0] == 2

@@ -51,6 +51,9 @@ def test_stage_groups_expand_per_model():
     assert expand_layers(tutorial, ["stages"]) == ["stage1", "stage2"]
     assert expand_layers(resnet, ["stages", "embedding"]) == ["stage1", "stage2", "stage3", "embedding"]
     assert expand_layers(resnet, ["last_stage"]) == ["stage3"]
-    torchvision_model = create_model("torchvision/resnet18", num_classes=10, in_channels=1)
+    # torchvision's ResNets get kdlab's stage names; its other models are tapped by module path.
+    torchvision_resnet = create_model("torchvision/resnet18", num_classes=10, in_channels=1)
+    assert expand_layers(torchvision_resnet, ["stages"]) == ["stage1", "stage2", "stage3", "stage4"]
+    torchvision_model = create_model("torchvision/mobilenet_v3_small", num_classes=10, in_channels=1)
     with pytest.raises(KdlabError, match="no named stages"):
         expand_layers(torchvision_model, ["stages"], role="student")

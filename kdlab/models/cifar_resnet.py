@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kdlab.errors import KdlabError
+from kdlab.models.preact import add_residual_preact_points
 from kdlab.models.registry import register_model
 from kdlab.models.weight_init import he_fan_out_init
 
@@ -57,7 +58,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """A (6n+2)-layer CIFAR ResNet: stem, layer1 (stride 1), layer2 and layer3 (stride 2), pool, fc."""
 
-    # Named tap points: each stage's output, and the pooled embedding the classifier reads.
+    # Named tap points: each stage's output, and the pooled embedding the classifier reads. Each
+    # model also gets stage<k>_preact (before the stage's final ReLU; see kdlab.models.preact).
     tap_points: dict[str, str] = {
         "stage1": "layer1",
         "stage2": "layer2",
@@ -83,6 +85,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w3, num_classes)
         self._init_weights()
+        add_residual_preact_points(self, {f"stage{i}": f"layer{i}" for i in (1, 2, 3)})
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

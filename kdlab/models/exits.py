@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
 from kdlab.models.weight_init import he_fan_out_init
-from kdlab.taps import FeatureTap, expand_layers
+from kdlab.taps import FeatureTap, expand_layers, stage_aliases
 
 # Narrowest middle (3x3) width of a bottleneck step, unless the step's own ends are narrower.
 _MIN_MID = 16
@@ -146,15 +146,15 @@ class Exit(nn.Module):
 
 
 def _stage_names(model: nn.Module) -> list[str]:
-    aliases = [alias for alias in getattr(model, "tap_points", {}) or {} if alias.startswith("stage")]
+    aliases = stage_aliases(model)
     if len(aliases) < 2:
         found = f"only {aliases[0]!r}" if aliases else "no named stages"
         raise KdlabError(
             f"BYOT self-distillation needs a model with at least two named stages (tap_points "
             f"stage1..stageN), but {type(model).__name__} has {found}. Use a kdlab model with named "
             "stages, such as the CIFAR ResNets (resnet8, resnet32x4, ...), WRNs, VGGs or lightnn; "
-            "'torchvision/...' models are not supported for self-distillation because kdlab does not "
-            "know where their stages end."
+            "torchvision's models other than its ResNets are not supported for self-distillation because "
+            "kdlab does not know where their stages end."
         )
     # expand_layers orders the stages by their number (stage10 after stage9).
     return expand_layers(model, ["stages"])

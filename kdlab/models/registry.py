@@ -24,6 +24,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.models.checkpoint import load_weights
+from kdlab.models.preact import add_residual_preact_points
 
 TORCHVISION_PREFIX = "torchvision/"
 
@@ -147,6 +148,10 @@ def _create_torchvision(tv_name: str, num_classes: int, in_channels: int, kwargs
         ) from exc
     if in_channels == 1:
         model.register_forward_pre_hook(gray_to_rgb)
+    if isinstance(model, torchvision.models.ResNet):
+        # Named tap points as kdlab's own ResNets have them (stages, pre-activations, embedding).
+        model.tap_points = {"embedding": "avgpool"}
+        add_residual_preact_points(model, {f"stage{i}": f"layer{i}" for i in (1, 2, 3, 4)})
     return model
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdlab.models.preact import add_residual_preact_points
 from kdlab.models.registry import register_model
 from kdlab.models.weight_init import he_fan_out_init
 
@@ -77,6 +78,7 @@ class CifarBottleneckResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
         he_fan_out_init(self)  # the reference keeps PyTorch's default init for the Linear head
+        add_residual_preact_points(self, {f"stage{i}": f"layer{i}" for i in (1, 2, 3, 4)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

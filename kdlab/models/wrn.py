@@ -80,6 +80,15 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(widths[3], num_classes)
         he_fan_out_init(self)
         nn.init.zeros_(self.fc.bias)  # the reference zeroes the head's bias, keeps its default weight
+        # Before each stage's activation (kdlab.models.preact): the next BN-ReLU's input is the
+        # stage output itself, so the pre-activation is that BatchNorm's output, the ReLU's input.
+        self.tap_points = {
+            **self.tap_points,
+            "stage1_preact": "block2.0.relu1:input",
+            "stage2_preact": "block3.0.relu1:input",
+            "stage3_preact": "relu:input",
+        }
+        self.norm_points = {"stage1_preact": "block2.0.bn1", "stage2_preact": "block3.0.bn1", "stage3_preact": "bn"}
 
     @staticmethod
     def _make_group(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
