@@ -6,6 +6,7 @@ teacher's own training run from the same functions, so both are configured ident
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdlab.errors import KdlabError
+from kdlab.optim import DOT
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -46,10 +48,11 @@ def build_knowledge(cfg: DictConfig) -> dict[str, nn.Module]:
     return {name: instantiate(node, name=name) for name, node in knowledge.items()}
 
 
-def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None) -> dict[str, Any]:
+def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None, dot: bool = True) -> dict[str, Any]:
     """The partial optimizer and scheduler, as scheme keyword arguments.
 
-    `optimizer_overrides` are merged over `optimizer.*` first (the teacher's own settings).
+    `optimizer_overrides` are merged over `optimizer.*` first (the teacher's own settings). With
+    `dot` and `dot.enabled`, the SGD optimizer becomes DOT (kdlab.optim) with the same settings.
     Each optimizer is tried here on a dummy parameter: the scheme builds the real one only when the
     fit starts, so a setting its constructor refuses (`optimizer.lr=-1`) would otherwise surface as
     a traceback after a teacher was trained. It is a KdlabError naming the key instead.
@@ -96,10 +99,32 @@ def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None) ->
     if optimizer_overrides:
         merged = OmegaConf.merge(cfg.optimizer, optimizer_overrides)
         optimizer = tried(merged, "teacher_training.optimizer", set(optimizer_overrides))
+    if dot and (cfg.get("dot") or {}).get("enabled"):
+        optimizer = distillation_oriented(cfg)
     return {
         "optimizer": optimizer,
         "scheduler": instantiate(scheduler) if scheduler else None,
     }
+
+
+def distillation_oriented(cfg: DictConfig) -> functools.partial:
+    """DOT (kdlab.optim) with the SGD settings of `optimizer.*` and `dot.delta`."""
+    node = cfg.optimizer
+    if node.get("_target_") not in ("torch.optim.SGD", "torch.optim.sgd.SGD") or node.get("nesterov"):
+        raise KdlabError(
+            f"dot.enabled=true gives SGD's momentum a task and a distillation part, but optimizer is "
+            f"{node.get('_target_')}{' with nesterov' if node.get('nesterov') else ''}. Use optimizer=sgd "
+            "(without optimizer.nesterov) with DOT, or set dot.enabled=false."
+        )
+    settings = {key: node[key] for key in ("lr", "momentum", "weight_decay", "dampening") if key in node}
+    try:
+        DOT([nn.Parameter(torch.zeros(1))], delta=cfg.dot.delta, **settings)
+    except ValueError as error:
+        raise KdlabError(
+            f"dot.delta={cfg.dot.delta} with optimizer.momentum={node.get('momentum')}: {error}. DOT's two "
+            "momenta are momentum - delta and momentum + delta; the paper uses momentum 0.9, dot.delta=0.075."
+        ) from None
+    return functools.partial(DOT, delta=cfg.dot.delta, **settings)
 
 
 def scheme_class(cfg: DictConfig) -> type[L.LightningModule]:
@@ -116,12 +141,14 @@ def build_scheme(
     mode: DictConfig | None = None,
     student: nn.Module | None = None,
     optimizer_overrides: Mapping | None = None,
+    dot: bool = True,
     **kwargs: Any,
 ) -> L.LightningModule:
     """The `mode=` LightningModule (or `mode`, another scheme config) around a fresh student.
 
     `sources` are what the scheme learns from (`Scheme.sources_for(...).modules`, e.g. teacher=);
-    `student` replaces the configured student (e.g. a teacher being trained); `kwargs` go to the
+    `student` replaces the configured student (e.g. a teacher being trained); `dot=False` keeps
+    plain SGD where `dot.enabled` (a model trained without distillation); `kwargs` go to the
     scheme's constructor (e.g. model_name=).
     """
     return instantiate(
@@ -131,7 +158,7 @@ def build_scheme(
         num_classes=datamodule.num_classes,
         input_shape=tuple(datamodule.input_shape),
         num_samples=datamodule.train_split_size,
-        **optimisation(cfg, optimizer_overrides),
+        **optimisation(cfg, optimizer_overrides, dot),
         **dict(sources or {}),
         **kwargs,
         _recursive_=False,

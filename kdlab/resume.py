@@ -127,6 +127,8 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> ResumePoint | None:
             return None
     elif str(requested) == "last":
         found = newest_checkpoint(cfg, output_dir)
+        if found is None and (output_dir / "stages").is_dir():
+            return None  # stopped in a stage before the main fit: the stages resume themselves
         if found is None:
             raise KdlabError(
                 f"ckpt_path=last found no checkpoint to resume in the run directory {output_dir}: it "

@@ -33,6 +33,7 @@ from kdlab.build import (
 )
 from kdlab.cli import command_line
 from kdlab.errors import KdlabError
+from kdlab.knowledge import views_of
 from kdlab.loggers import build_loggers, finish_loggers
 from kdlab.report import format_table, log_table, model_rows, write_metrics
 from kdlab.resume import (
@@ -47,6 +48,7 @@ from kdlab.resume import (
     resume_point,
     teacher_identity,
 )
+from kdlab.stages import format_stages, run_stages
 from kdlab.sweeps import run_or_record_failure
 from kdlab.teacher_cache import cache_callback
 from kdlab.teachers import TeacherStore, record_dict
@@ -92,6 +94,8 @@ def _train(
     knowledge = build_knowledge(cfg)  # before any teacher training: bad options fail fast
     # The scheme obtains what it learns from: a frozen teacher, generations, fresh peers, or nothing.
     sources = scheme_class(cfg).sources_for(cfg, datamodule, TeacherStore(cfg.teacher_training.store))
+    # After the sources: a teacher trained meanwhile has no use for the extra views.
+    datamodule.use_views(views_of(knowledge.values()), "knowledge=" + ",".join(knowledge))
     record, teacher = sources.frozen, None
     if record is not None:
         # Re-seed: the student's init must not depend on whether the teacher was just trained.
@@ -112,6 +116,8 @@ def _train(
             {**OmegaConf.to_container(cfg, resolve=True), "teacher_used": record_dict(record)}
         )
 
+    # The stages some losses run first (AB's initialisation, FT's paraphraser); see kdlab.stages.
+    stages = run_stages(cfg, scheme, datamodule, output_dir, resuming_main_fit=bool(start and start.same_run))
     trainer.fit(scheme, datamodule=datamodule, ckpt_path=start.checkpoint if start else None)
     metrics = _floats(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -138,6 +144,7 @@ def _train(
         "checkpoint": best or None,
         "student_weights": str(student_file),
         "models": rows,
+        "stages": stages,
         "metrics": metrics,
     }
     name = cfg.get("optimized_metric")
@@ -145,8 +152,9 @@ def _train(
     if trainer.is_global_zero:
         write_metrics(output_dir / "metrics.json", results)
         log_table(loggers, rows)
+        stage_table = f"\n{format_stages(stages)}\n" if stages else ""
         print(
-            f"\n{format_table(rows)}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
+            f"{stage_table}\n{format_table(rows)}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
         )
     if name and name not in metrics:  # checked last, so the run's results are written first
         raise KdlabError(

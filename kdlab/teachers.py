@@ -227,6 +227,7 @@ def train_teacher(
         mode=mode,
         student=model,
         optimizer_overrides=cfg.teacher_training.optimizer,
+        dot=source is not None,  # DOT splits a distillation gradient; a teacher on its own has none
         model_name=name,
     )
     trainer = build_trainer(

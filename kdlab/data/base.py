@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import ClassVar
 
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
+from torchvision.transforms import v2
 
 from kdlab.data.datasets import IndexedDataset, TensorBatchDataset, collate
 from kdlab.data.split import resolve_val_count, split_indices
@@ -27,6 +28,8 @@ _SHAPE_ARGS = ("num_classes", "in_channels", "input_size")
 # precompute_inputs=auto: at most this many bytes of float32 inputs per transform (CIFAR: 0.6 GB).
 PRECOMPUTE_MAX_BYTES = 2e9
 PRECOMPUTE_CHUNK = 4096
+# (dataset, seed, first epoch, batch size) -> a batch sampler with set_epoch (see use_batch_sampler)
+BatchSamplerFactory = Callable[[Dataset, int, int, int], Sampler]
 
 
 class EpochShuffle(RandomSampler):
@@ -89,6 +92,7 @@ class ImageClassificationDataModule(LightningDataModule):
         download: bool = True,
         download_dir: str = "~/.cache/kdlab/data",
         precompute_inputs: bool | str = "auto",
+        views: Mapping[str, Sequence[Callable]] | None = None,
         num_classes: int | None = None,
         in_channels: int | None = None,
         input_size: int | None = None,
@@ -128,11 +132,45 @@ class ImageClassificationDataModule(LightningDataModule):
         train_steps = self.augmentation or self.eval_geometry()
         self.train_transform = build_pipeline(train_steps, self.mean, self.std, self.decode)
         self.eval_transform = build_pipeline(self.eval_geometry(), self.mean, self.std, self.decode)
+        # Extra views a loss may ask for (`Knowledge.views`): augmentation lists by name, made into
+        # pipelines only for the views in use (`use_views`).
+        self.view_steps = {"strong": [*self.default_augmentation(), v2.RandAugment()]}
+        for name, steps in (views or {}).items():
+            self.view_steps[str(name)] = as_transform_list(steps, [], key=f"data.views.{name}")
+        self.views: dict[str, Callable] = {}
+        # Builds the training loader's batches instead of the shuffled sampler (`use_batch_sampler`).
+        self.batch_sampler_factory: BatchSamplerFactory | None = None
 
         self.train_set: Subset | None = None
         self.val_set: Subset | None = None
         self.test_set: IndexedDataset | None = None
         self._train_samples: Dataset | None = None
+
+    def use_views(self, names: Sequence[str], wanted_by: str = "the knowledge") -> None:
+        """Make every training batch carry these extra views (`input_<name>`), e.g. ["strong"].
+
+        Called before the data is set up, by the entry point, with the views the losses declare.
+        """
+        unknown = [name for name in names if name not in self.view_steps]
+        if unknown:
+            raise KdlabError(
+                f"{wanted_by} reads the extra view(s) {', '.join(map(repr, unknown))} of each training "
+                f"sample, which {self.name} does not define (it has: {', '.join(self.view_steps)}). Define "
+                f"it as a list of augmentations under data.views.{unknown[0]}, e.g. "
+                f"'+data.views.{unknown[0]}=[{{_target_: torchvision.transforms.v2.RandAugment}}]'."
+            )
+        wanted = {name: build_pipeline(self.view_steps[name], self.mean, self.std, self.decode) for name in names}
+        if wanted.keys() != self.views.keys():
+            self.views = wanted
+            self.train_set = None  # set up again with the views
+
+    def use_batch_sampler(self, factory: BatchSamplerFactory | None) -> None:
+        """Build the training loader's batches with `factory(dataset, seed, epoch, batch_size)`.
+
+        For schemes that need batches of a particular make-up (CS-KD: pairs of samples of one
+        class). The batch sampler must have `set_epoch`, which Lightning calls every epoch.
+        """
+        self.batch_sampler_factory = factory
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -184,7 +222,9 @@ class ImageClassificationDataModule(LightningDataModule):
             val_count = resolve_val_count(self.val_size, len(targets))
             train_idx, val_idx = split_indices(len(targets), val_count, self.split_seed)
             # Two views of the same samples: augmented for train, eval-transformed for val.
-            train_view = self._view(samples, targets, self.train_transform, self.train_transform_is_random)
+            train_view = self._view(
+                samples, targets, self.train_transform, self.train_transform_is_random, self.views
+            )
             val_view = self._view(samples, targets, self.eval_transform, random=False)
             self.train_set = Subset(train_view, train_idx.tolist())
             self.val_set = Subset(val_view, val_idx.tolist())
@@ -205,7 +245,7 @@ class ImageClassificationDataModule(LightningDataModule):
     @property
     def train_transform_is_random(self) -> bool:
         """Whether a training sample looks different every epoch (any augmentation counts as random)."""
-        return bool(self.augmentation)
+        return bool(self.augmentation) or bool(self.views)
 
     def fingerprint(self) -> str:
         """A hash of the training split's content: its samples (see `sample_digest`) and labels.
@@ -228,7 +268,12 @@ class ImageClassificationDataModule(LightningDataModule):
     # -- helpers ----------------------------------------------------------------------------
 
     def _view(
-        self, samples: Dataset, targets: torch.Tensor, transform: Callable, random: bool
+        self,
+        samples: Dataset,
+        targets: torch.Tensor,
+        transform: Callable,
+        random: bool,
+        views: Mapping[str, Callable] | None = None,
     ) -> IndexedDataset:
         """Samples with their index, fetched a batch at a time by one tensor index where that is exact.
 
@@ -237,8 +282,8 @@ class ImageClassificationDataModule(LightningDataModule):
         is a slice of one float tensor and the loader costs next to nothing per step.
         """
         images = getattr(samples, "tensors", (None,))[0]  # an in-memory TensorDataset
-        if images is None or random:
-            return IndexedDataset(samples, targets, transform)
+        if images is None or random or views:
+            return IndexedDataset(samples, targets, transform, views)
         float_bytes = images.numel() * 4
         if self.precompute_inputs is True or (
             self.precompute_inputs == "auto" and float_bytes <= PRECOMPUTE_MAX_BYTES
@@ -255,6 +300,18 @@ class ImageClassificationDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"call {type(self).__name__}.setup({stage!r}) before asking for its loader")
         sampler, generator = None, None
+        if shuffle and self.batch_sampler_factory is not None:
+            seed = run_seed()
+            batches = self.batch_sampler_factory(dataset, seed, self._fit_epoch(), self.batch_size)
+            return DataLoader(
+                dataset,
+                batch_sampler=batches,
+                generator=torch.Generator().manual_seed(seed),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                collate_fn=collate,
+                persistent_workers=self.num_workers > 0,
+            )
         if shuffle:
             seed = run_seed()
             sampler = EpochShuffle(dataset, seed, self._fit_epoch())

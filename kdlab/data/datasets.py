@@ -23,24 +23,37 @@ from torch.utils.data import Dataset, default_collate
 
 
 class IndexedDataset(Dataset):
-    """Wrap a dataset of (image, target) pairs; `targets` holds every sample's label as int64."""
+    """Wrap a dataset of (image, target) pairs; `targets` holds every sample's label as int64.
 
-    def __init__(self, base: Dataset, targets: torch.Tensor, transform: Callable | None = None):
+    `views` are extra named transforms of the same image: each item then also carries
+    `input_<name>` (e.g. `input_strong`), drawn independently of `input`.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        targets: torch.Tensor,
+        transform: Callable | None = None,
+        views: Mapping[str, Callable] | None = None,
+    ):
         if len(targets) != len(base):
             raise ValueError(f"{len(targets)} targets for {len(base)} samples")
         self.base = base
         self.targets = torch.as_tensor(targets, dtype=torch.int64)
         self.transform = transform
+        self.views = dict(views or {})
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, _ = self.base[index]
-        if self.transform is not None:
-            image = self.transform(image)
+        raw, _ = self.base[index]
+        image = self.transform(raw) if self.transform is not None else raw
         # Plain ints collate to int64 tensors, which is the dtype the contract promises.
-        return {"input": image, "target": int(self.targets[index]), "index": int(index)}
+        item = {"input": image, "target": int(self.targets[index]), "index": int(index)}
+        for name, view in self.views.items():
+            item[view_key(name)] = view(raw)
+        return item
 
 
 class TensorBatchDataset(IndexedDataset):
@@ -61,6 +74,11 @@ class TensorBatchDataset(IndexedDataset):
         if self.transform is not None:
             images = self.transform(images)
         return {"input": images, "target": self.targets[index], "index": index}
+
+
+def view_key(name: str) -> str:
+    """The batch key of the extra view `name`: "input_strong" for "strong"."""
+    return f"input_{name}"
 
 
 def collate(batch: Any) -> Any:

@@ -29,7 +29,7 @@ def build_pipeline(
     return v2.Compose([*head, *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), *tail])
 
 
-def as_transform_list(transforms, default: Sequence[Callable]) -> list[Callable]:
+def as_transform_list(transforms, default: Sequence[Callable], key: str = "data.train_transforms") -> list[Callable]:
     """Return the user's augmentation list (None means `default`), checking each entry is callable.
 
     Hydra hands over a ListConfig, so anything iterable is accepted.
@@ -38,7 +38,7 @@ def as_transform_list(transforms, default: Sequence[Callable]) -> list[Callable]
         return list(default)
     if isinstance(transforms, str | bytes) or not hasattr(transforms, "__iter__"):
         raise KdlabError(
-            f"data.train_transforms must be a list of transforms, got {transforms!r}. Give a list of "
+            f"{key} must be a list of transforms, got {transforms!r}. Give a list of "
             f"entries like `- _target_: torchvision.transforms.v2.RandomHorizontalFlip`, [] for no "
             f"augmentation, or null for the dataset's usual augmentation."
         )
@@ -46,7 +46,7 @@ def as_transform_list(transforms, default: Sequence[Callable]) -> list[Callable]
     for step in steps:
         if not callable(step):
             raise KdlabError(
-                f"data.train_transforms holds {step!r}, which is not a transform. Each entry needs a "
+                f"{key} holds {step!r}, which is not a transform. Each entry needs a "
                 f"`_target_` naming a transform class, e.g. `_target_: torchvision.transforms.v2.RandomCrop` "
                 f"with its arguments beside it, and must be instantiated (Hydra does this for the config)."
             )

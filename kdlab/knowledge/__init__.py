@@ -4,7 +4,7 @@ Each loss is a `Knowledge` module; the `knowledge=` config group selects one or 
 list of them (`knowledge=[kd,at]`), and every scheme sums them with the task loss.
 """
 
-from kdlab.knowledge.base import Knowledge, LossContext
+from kdlab.knowledge.base import Knowledge, LossContext, Stage, views_of
 from kdlab.knowledge.contrastive import CRD
 from kdlab.knowledge.ctkd import CTKD
 from kdlab.knowledge.feature import AT, NST, VID, CosineHint, FeatureL2, FitNet
@@ -31,4 +31,6 @@ __all__ = [
     "FitNet",
     "Knowledge",
     "LossContext",
+    "Stage",
+    "views_of",
 ]

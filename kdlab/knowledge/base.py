@@ -46,6 +46,28 @@ def checked_number(
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A fit a loss needs before the main one (e.g. AB's initialisation, FT's paraphraser).
+
+    The entry point runs each declared stage in order, before the main fit, on the same data and
+    teacher (kdlab.stages): the loss's `stage_loss` is minimised alone, over the parameters of
+    `stage_modules` and, with `trains_student`, the student's (its classifier excepted). Each
+    stage's result is kept in the run directory, so a resumed run does not repeat it.
+
+    Attributes:
+        name: the stage's name in messages, the results and the run directory (e.g. "init").
+        epochs: how many epochs it runs (trainer.limit_train_batches applies, as in the main fit).
+        trains_student: whether the student's layers are trained too.
+        lr: its learning rate (None: the run's optimizer.lr); the rest of the optimizer is the run's.
+    """
+
+    name: str
+    epochs: int
+    trains_student: bool = False
+    lr: float | None = None
+
+
+@dataclass(frozen=True)
 class LossContext:
     """What a loss may need to know about the run it is in, handed to `build` and `forward`.
 
@@ -82,6 +104,9 @@ class Knowledge(nn.Module):
 
     #: the config name of this loss when it is not given one (conf/knowledge/<key>.yaml)
     key: str | None = None
+    #: the extra views of each training sample this loss reads (e.g. ("strong",)): the data then
+    #: carries them, and the scheme runs the student and the source on each, into `Outputs.views`
+    views: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -117,3 +142,28 @@ class Knowledge(nn.Module):
     ) -> Tensor:
         """The unweighted loss for one batch. `context` is the run's state (see LossContext)."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------- stages before the main fit
+    def stages(self) -> list[Stage]:
+        """The stages this loss runs before the main fit, in order (none by default)."""
+        return []
+
+    def stage_modules(self, stage: str) -> list[nn.Module]:
+        """This loss's modules that stage `stage` trains (all of its adapters by default)."""
+        return [self]
+
+    def stage_loss(
+        self,
+        stage: str,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
+    ) -> Tensor:
+        """The loss stage `stage` minimises, alone (no task loss)."""
+        raise NotImplementedError(f"{type(self).__name__} declares stage {stage!r} but no stage_loss for it")
+
+
+def views_of(terms: Iterable[Knowledge]) -> list[str]:
+    """Every extra view the terms read, in a stable order."""
+    return sorted({view for term in terms for view in getattr(term, "views", ())})

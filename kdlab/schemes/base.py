@@ -25,6 +25,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.distributed import world_size
 from kdlab.errors import KdlabError
+from kdlab.heads import classifier_of
+from kdlab.optim import DOT
 from kdlab.knowledge import Knowledge, LossContext
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -202,6 +204,66 @@ class Scheme(L.LightningModule):
                 f"or with the other model. Build the {role} with num_classes={self.num_classes} "
                 f"(e.g. {role}.num_classes=${{data.num_classes}}), or load a checkpoint trained on this data."
             )
+
+    def loss_to_backpropagate(self, total: Tensor, task: Tensor) -> Tensor:
+        """What Lightning backpropagates: the total, or with DOT (kdlab.optim) the task part only.
+
+        DOT keeps a momentum of its own for the distillation gradient, so that gradient is taken
+        here (the distillation part is total - task) and handed to the optimizer; `p.grad` then
+        holds the task gradient alone when the optimizer steps.
+        """
+        optimizer = self._dot_optimizer()
+        distill = total - task
+        if optimizer is None or not distill.requires_grad:
+            return total
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Lightning divides the loss it backpropagates by the accumulation count; the same here.
+        scale = 1.0 / max(self.trainer.accumulate_grad_batches, 1)
+        grads = torch.autograd.grad(distill * scale, params, retain_graph=True, allow_unused=True)
+        optimizer.add_distillation_grads(params, grads)
+        return task
+
+    def _dot_optimizer(self) -> DOT | None:
+        if self._trainer is None or not self.automatic_optimization:
+            return None
+        optimizers = self.trainer.optimizers
+        optimizer = optimizers[0] if optimizers else None
+        if not isinstance(optimizer, DOT):
+            return None
+        if str(self.trainer.precision).startswith("16"):
+            raise KdlabError(
+                f"optimizer=dot with trainer.precision={self.trainer.precision}: DOT takes the distillation "
+                "gradient itself, outside the fp16 gradient scaler, so the two gradients would be on different "
+                "scales. Use trainer.precision=bf16-mixed or 32-true with DOT."
+            )
+        return optimizer
+
+    # ------------------------------------------------------- stages before the main fit
+    def stage_outputs(self, batch: Mapping[str, Tensor]) -> tuple[Any, Any]:
+        """The student's and the source's Outputs for a stage's batch (kdlab.stages).
+
+        Stages (AB's initialisation, FT's paraphraser) train one student towards a fixed source, so
+        only the one-student schemes provide this.
+        """
+        staged = [f"knowledge.{t.name}" for t in self.templates.values() if t.stages()]
+        raise KdlabError(
+            f"{', '.join(staged) or 'A loss'} runs a stage before the main fit (e.g. AB's initialisation "
+            f"or FT's paraphraser), which trains one student towards a fixed source, but mode={self.name} "
+            "has no fixed source to train towards. Use it with mode=offline."
+        )
+
+    def stage_parameters(self, term: Knowledge, stage: Any) -> list[nn.Parameter]:
+        """What `stage` of `term` trains: the modules it names, and the student's layers if it says so."""
+        params = [p for module in term.stage_modules(stage.name) for p in module.parameters()]
+        if stage.trains_student:
+            student = self.deployable()
+            try:  # the classifier is left alone: a stage's loss does not reach it
+                head = {id(p) for p in classifier_of(student).parameters()}
+            except KdlabError:
+                head = set()
+            params += [p for p in student.parameters() if id(p) not in head]
+        unique = {id(p): p for p in params if p.requires_grad}
+        return list(unique.values())
 
     # ---------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:

@@ -87,16 +87,18 @@ class BYOT(StudentScheme):
         terms = {f"{self.model_name}/task": F.cross_entropy(deepest.logits, batch["target"])}
         loss = terms[f"{self.model_name}/task"]
         source, context = deepest.detach(), self.loss_context()
+        task_part = loss
         for name, exit_terms in self.knowledge.items():
             task = F.cross_entropy(outputs[name].logits, batch["target"])
             terms[f"{name}/task"] = task
             loss = loss + self.task_weight * task
+            task_part = task_part + self.task_weight * task
             for term_name, term in exit_terms.items():
                 value = term(outputs[name], source, batch, context)
                 terms[f"{name}/{term_name}"] = value
                 loss = loss + term.weight * value
         self.log_terms(terms, loss)
-        return loss
+        return self.loss_to_backpropagate(loss, task_part)
 
     def trained_models(self) -> dict[str, nn.Module]:
         return {self.model_name: self.student}

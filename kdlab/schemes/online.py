@@ -25,7 +25,9 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdlab.build import build_model
+from kdlab.data.datasets import view_key
 from kdlab.errors import KdlabError
+from kdlab.knowledge import views_of
 from kdlab.schemes.base import Scheme, Sources, TeacherProvider
 from kdlab.taps import FeatureTap, Outputs, expand_layers
 
@@ -127,7 +129,8 @@ class Online(Scheme):
         modes = {name: peer.training for name, peer in self.peers.items()}
         self.peers.eval()  # so the dry pass leaves BatchNorm statistics untouched
         try:
-            outputs = self.forward_peers(self.example_input_array)
+            x = self.example_input_array
+            outputs = self.forward_peers(x, {view_key(view): x for view in views_of(self.templates.values())})
             for name, out in outputs.items():
                 self.check_logits(out.logits, name)
             context = self.loss_context()
@@ -140,24 +143,36 @@ class Online(Scheme):
                 peer.train(modes[name])
 
     # -------------------------------------------------------------------- training
-    def forward_peers(self, x: Tensor) -> dict[str, Outputs]:
-        return {name: tap(x) for name, tap in self.taps.items()}
+    def forward_peers(self, x: Tensor, batch: Mapping[str, Tensor] | None = None) -> dict[str, Outputs]:
+        """Every peer's outputs on `x`, and on each extra view of `batch` the terms read."""
+        outputs = {name: tap(x) for name, tap in self.taps.items()}
+        for view in views_of(self.templates.values()) if batch is not None else ():
+            for name, out in self.forward_peers(batch[view_key(view)]).items():
+                outputs[name].views[view] = out
+        return outputs
 
     def source_outputs(self, outputs: Mapping[str, Outputs], source: str) -> Outputs:
         """What a learner sees of `source`: that peer's outputs, or the ensemble's, detached."""
         if source == ENSEMBLE:
-            return Outputs(torch.stack([out.logits for out in outputs.values()]).mean(0).detach())
+            mean = torch.stack([out.logits for out in outputs.values()]).mean(0).detach()
+            views = {
+                view: self.source_outputs({name: out.views[view] for name, out in outputs.items()}, ENSEMBLE)
+                for view in next(iter(outputs.values())).views
+            }
+            return Outputs(mean, views=views)
         return outputs[source].detach()
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        outputs = self.forward_peers(batch["input"])
+        outputs = self.forward_peers(batch["input"], batch)
         context = self.loss_context()
         terms: dict[str, Tensor] = {}
         loss = torch.zeros((), device=batch["input"].device)
+        task_part = torch.zeros((), device=batch["input"].device)
         for learner, directions in self.knowledge.items():
             task = F.cross_entropy(outputs[learner].logits, batch["target"])
             terms[f"{learner}/task"] = task
             loss = loss + self.task_weight * task
+            task_part = task_part + self.task_weight * task
             for name, template in self.templates.items():
                 # DML Eq. 10: the knowledge from the other peers is averaged over them.
                 per_source = [
@@ -170,7 +185,7 @@ class Online(Scheme):
                 terms[f"{learner}/{name}"] = value
                 loss = loss + template.weight * value
         self.log_terms(terms, loss)
-        return loss
+        return self.loss_to_backpropagate(loss, task_part)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.peers["student"](x)

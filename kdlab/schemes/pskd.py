@@ -76,4 +76,4 @@ class PSKD(StudentScheme):
         self.bank.store(index, own.softmax(dim=1), epoch)
         self.log("train/alpha", alpha, on_step=False, on_epoch=True, sync_dist=True)  # once per epoch
         self.log_terms(terms, loss)
-        return loss
+        return self.loss_to_backpropagate(loss, (1 - alpha) * self.task_weight * terms["task"])

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.data.datasets import view_key
+from kdlab.knowledge import views_of
 from kdlab.schemes.base import Scheme
 from kdlab.taps import FeatureTap, Outputs, expand_layers
 
@@ -67,6 +69,7 @@ class StudentScheme(Scheme):
             student = self.student_tap(x)
             self.check_logits(student.logits, self.model_name)
             source = self.sources(x, {})
+            self.add_views(student, source, {view_key(view): x for view in views_of(self.knowledge.values())})
             if source is not None:
                 self.check_logits(source.logits, "teacher")
                 context = self.loss_context()
@@ -94,10 +97,32 @@ class StudentScheme(Scheme):
                 loss = loss + term.weight * terms[name]
         return loss
 
+    def add_views(self, student: Outputs, source: Outputs | None, batch: Mapping[str, Tensor]) -> None:
+        """Run the student and the source on each extra view the terms read (into `Outputs.views`).
+
+        The source is asked without the batch's indices, so it runs on the view itself (a cache of
+        the teacher's outputs holds the main input's only).
+        """
+        for view in views_of(self.knowledge.values()):
+            x = batch[view_key(view)]
+            student.views[view] = self.student_tap(x)
+            if source is not None:
+                source.views[view] = self.sources(x, {})
+
+    def stage_outputs(self, batch: Mapping[str, Tensor]) -> tuple[Outputs, Outputs | None]:
+        """The student's and the source's outputs for a stage before the main fit (kdlab.stages)."""
+        x = batch["input"]
+        student = self.student_tap(x)
+        source = self.sources(x, batch)
+        self.add_views(student, source, batch)
+        return student, source
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         x = batch["input"]
         student = self.student_tap(x)
-        terms = self.loss_terms(student, self.sources(x, batch), batch)
+        source = self.sources(x, batch)
+        self.add_views(student, source, batch)
+        terms = self.loss_terms(student, source, batch)
         loss = self.weighted_sum(terms)
         self.log_terms(terms, loss)
-        return loss
+        return self.loss_to_backpropagate(loss, self.task_weight * terms["task"])

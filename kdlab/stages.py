@@ -1,0 +1,142 @@
+"""Stages before the main fit: the fits a loss declares (`Knowledge.stages`), run in order.
+
+AB (Heo et al. 2019) first trains the student's layers to reproduce the teacher's activation
+boundaries; FT (Kim et al. 2018) first trains a paraphraser on the teacher's features. Each such
+stage is a Lightning fit of its own (`StageFit`): the loss's `stage_loss` alone, over the
+parameters the stage names, with the run's optimizer at the stage's learning rate, the run's
+trainer settings and the run's data and source. The scheme provides the outputs
+(`Scheme.stage_outputs`), so a stage sees exactly what the main fit will.
+
+Every stage keeps its state in `<run dir>/stages/<loss>-<stage>/`: `last.ckpt` after each epoch,
+then `weights.pt` (the scheme's state when it ended) and `result.json`. With `ckpt_path=last` a
+run continues where it stopped: inside a stage from its last.ckpt, after it from weights.pt, or in
+the main fit, whose checkpoints hold what the stages trained. The results table lists each stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from torch import Tensor
+
+from kdlab.build import build_trainer
+from kdlab.knowledge import Knowledge, Stage
+from kdlab.tables import markdown_table
+
+log = logging.getLogger(__name__)
+STAGES_DIR = "stages"
+RESULT = "result.json"
+WEIGHTS = "weights.pt"
+
+
+class StageFit(L.LightningModule):
+    """One stage of one loss as a LightningModule around the scheme (its student and source)."""
+
+    def __init__(self, scheme: L.LightningModule, term_name: str, stage: Stage):
+        super().__init__()
+        self.scheme = scheme
+        self.term_name = term_name
+        self.stage = stage
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        student, source = self.scheme.stage_outputs(batch)
+        term = self.scheme.knowledge[self.term_name]
+        loss = term.stage_loss(self.stage.name, student, source, batch, self.scheme.loss_context())
+        self.log("stage_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        term = self.scheme.knowledge[self.term_name]
+        factory = self.scheme.optimizer_factory
+        if self.stage.lr is not None:
+            if not isinstance(factory, partial):
+                raise TypeError("a stage with its own lr needs a partial optimizer (Hydra's _partial_: true)")
+            factory = partial(factory.func, *factory.args, **{**factory.keywords, "lr": self.stage.lr})
+        return factory(self.scheme.stage_parameters(term, self.stage))
+
+
+def stage_dir(output_dir: Path, term_name: str, stage: Stage) -> Path:
+    return output_dir / STAGES_DIR / f"{term_name}-{stage.name}"
+
+
+def run_stages(
+    cfg: DictConfig, scheme: L.LightningModule, datamodule: L.LightningDataModule, output_dir: Path,
+    resuming_main_fit: bool,
+) -> list[dict[str, Any]]:
+    """Run (or take up again) every stage the scheme's losses declare; their results, in order.
+
+    `resuming_main_fit`: the main fit continues from a checkpoint of this run, which holds what
+    the stages trained, so they are only reported.
+    """
+    continuing = str(cfg.get("ckpt_path")) == "last"
+    results = []
+    for term_name, term in scheme.knowledge.items():
+        if not isinstance(term, Knowledge):
+            continue
+        for stage in term.stages():
+            folder = stage_dir(output_dir, term_name, stage)
+            done = folder / RESULT
+            if resuming_main_fit and done.is_file():
+                results.append(json.loads(done.read_text()))
+                continue
+            if continuing and done.is_file():
+                scheme.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
+                log.info("Stage %s of knowledge.%s: done before, its result taken from %s", stage.name, term_name, folder)
+                results.append(json.loads(done.read_text()))
+                continue
+            results.append(_fit_stage(cfg, scheme, datamodule, term_name, stage, folder, continuing))
+    return results
+
+
+def _fit_stage(
+    cfg: DictConfig, scheme: L.LightningModule, datamodule: L.LightningDataModule, term_name: str,
+    stage: Stage, folder: Path, continuing: bool,
+) -> dict[str, Any]:
+    last = folder / "last.ckpt"
+    resume_from = last if continuing and last.is_file() else None
+    if resume_from is None and folder.exists():
+        shutil.rmtree(folder)  # a stage of an earlier, unrelated start in this directory
+    print(f"Stage {stage.name} of knowledge.{term_name}: {stage.epochs} epochs before the main fit")
+    checkpoints = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=0, save_last=True)
+    trainer = build_trainer(
+        cfg,
+        {
+            "max_epochs": stage.epochs,
+            "max_steps": -1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": True,
+        },
+        logger=False,
+        callbacks=[checkpoints],
+    )
+    module = StageFit(scheme, term_name, stage)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    result = {
+        "knowledge": term_name,
+        "stage": stage.name,
+        "epochs": stage.epochs,
+        "final_loss": float(trainer.callback_metrics.get("stage_loss", float("nan"))),
+    }
+    if trainer.is_global_zero:
+        torch.save(scheme.state_dict(), folder / WEIGHTS)
+        (folder / RESULT).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_stages(results: list[dict[str, Any]]) -> str:
+    """The stages as a markdown table for the console (empty when there were none)."""
+    if not results:
+        return ""
+    rows = [[r["knowledge"], r["stage"], str(r["epochs"]), f"{r['final_loss']:.4f}"] for r in results]
+    return markdown_table(["knowledge", "stage", "epochs", "final loss"], rows)
