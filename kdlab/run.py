@@ -129,10 +129,14 @@ def _train(
     student_file = output_dir / "student.pt"  # loadable with student.checkpoint= or teacher.checkpoint=
     if trainer.is_global_zero:  # under DDP every rank gets here; one writes the outputs
         torch.save(
-            {"state_dict": scheme.deployable().state_dict(), "architecture": cfg.student.name}, student_file
+            {
+                "state_dict": scheme.deployable().state_dict(),
+                "architecture": scheme.deployed_architecture(cfg.student.name),
+            },
+            student_file,
         )
 
-    architectures = {"student": cfg.student.name, **sources.architectures}
+    architectures = {"student": scheme.deployed_architecture(cfg.student.name), **sources.architectures}
     # Entries tested without a module of their own (an ensemble, exits) get rows too.
     extra = [name for name in scheme.test_metrics if name not in scheme.models()]
     rows = model_rows(scheme.models(), architectures, metrics, extra)

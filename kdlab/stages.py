@@ -80,9 +80,12 @@ def run_stages(
     """
     continuing = str(cfg.get("ckpt_path")) == "last"
     results = []
-    for term_name, term in scheme.knowledge.items():
-        if not isinstance(term, Knowledge):
+    for term_name, template in scheme.templates.items():
+        if not template.stages():
             continue
+        term = scheme.knowledge[term_name] if term_name in scheme.knowledge else None
+        if not isinstance(term, Knowledge):
+            scheme.stage_outputs({})  # a scheme with no single student: its clear error
         for stage in term.stages():
             folder = stage_dir(output_dir, term_name, stage)
             done = folder / RESULT

@@ -64,9 +64,16 @@ def module_paths(model: nn.Module) -> list[str]:
 def resolve_layer(model: nn.Module, name: str) -> str:
     """A layer name as a module path: a model's named tap point (e.g. "stage2") or a path.
 
-    The path may end in ":input" (the module's input is tapped, not its output).
+    The path may end in ":input" (the module's input is tapped, not its output), and so may a tap
+    point's name: "embedding:input" is what the pooling layer is given, the last feature map.
     """
-    return getattr(model, "tap_points", {}).get(name, name)
+    points = getattr(model, "tap_points", {})
+    if name in points:
+        return points[name]
+    base, takes_input = split_input_suffix(name)
+    if takes_input and base in points and not points[base].endswith(INPUT_SUFFIX):
+        return points[base] + INPUT_SUFFIX
+    return name
 
 
 def split_input_suffix(path: str) -> tuple[str, bool]:

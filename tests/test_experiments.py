@@ -9,11 +9,15 @@ offline KD, in-process on tiny CIFAR-100 pickles written here, for two batches.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
+import torch
 
+from kdlab.build import build_knowledge
 from kdlab.models import create_model
 from kdlab.run import train
+from kdlab.schemes import Offline
 from tests.conftest import CONF, NO_PLOTS, compose_config, fast_overrides
 from tests.test_data import write_cifar
 
@@ -109,3 +113,28 @@ def test_both_resnet32x4_pairs_share_one_stored_teacher(tmp_path):
         for name in ("resnet32x4_resnet8x4", "resnet32x4_shufflev2")
     }
     assert len(keys) == 1
+
+
+KNOWLEDGE = sorted(p.stem for p in (CONF / "knowledge").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("knowledge", KNOWLEDGE)
+def test_every_knowledge_composes_with_the_cifar_experiment_and_keeps_its_recipe(knowledge):
+    # The experiment sets the pair, the data and the optimisation protocol; the method's recipe
+    # (weights, temperatures, layers; DOT's optimizer) is the knowledge config's, unchanged.
+    alone = compose_config([f"knowledge={knowledge}"])
+    cfg = compose_config(["experiment=cifar100/resnet32x4_resnet8x4", f"knowledge={knowledge}"])
+    assert cfg.knowledge == alone.knowledge and cfg.dot == alone.dot
+    assert (cfg.teacher.name, cfg.student.name, cfg.data.num_classes) == ("resnet32x4", "resnet8x4", 100)
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.05
+    # Every method builds on the benchmark pair (its adapters from the real shapes at 3x32x32).
+    scheme = Offline(
+        teacher=create_model("resnet32x4", num_classes=100),
+        student=create_model("resnet8x4", num_classes=100),
+        optimizer=partial(torch.optim.SGD, lr=0.05),
+        num_classes=100,
+        input_shape=(3, 32, 32),
+        knowledge=build_knowledge(cfg),
+        num_samples=50_000,
+    )
+    assert list(scheme.knowledge) == list(cfg.knowledge)

@@ -41,3 +41,11 @@ def test_a_model_without_preact_points_gets_a_clear_error():
         expand_layers(model, ["stages_preact"], "teacher")
     with pytest.raises(KdlabError, match="names no BatchNorm"):
         norm_before(model, "stage1", "knowledge.ofd")
+
+
+def test_a_tap_point_name_with_input_taps_what_that_module_is_given():
+    model = create_model("resnet8", num_classes=10).eval()
+    with torch.no_grad():
+        feats = FeatureTap(model, ["embedding:input", "stage3"])(torch.randn(2, 3, 32, 32)).feats
+    # What the global pooling reads is the last stage's output map.
+    torch.testing.assert_close(feats["embedding:input"], feats["stage3"])

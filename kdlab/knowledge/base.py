@@ -143,6 +143,19 @@ class Knowledge(nn.Module):
         """The unweighted loss for one batch. `context` is the run's state (see LossContext)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------- what is deployed
+    def deployed_student(self, student: nn.Module, source: Outputs) -> nn.Module | None:
+        """The model to evaluate, report and save in the student's place, if this loss changes it.
+
+        None for almost every loss. SimKD returns student + projector + the teacher's classifier.
+        Called once after `build`, with the trained student and the source's outputs.
+        """
+        return None
+
+    def deployed_description(self) -> str:
+        """What the deployed student adds to the student's architecture, for the results table."""
+        return ""
+
     # ----------------------------------------------------------- stages before the main fit
     def stages(self) -> list[Stage]:
         """The stages this loss runs before the main fit, in order (none by default)."""

@@ -180,11 +180,19 @@ class Scheme(L.LightningModule):
 
     def models(self) -> dict[str, nn.Module]:
         """The models reported in the results table (trained ones, plus e.g. a frozen teacher)."""
+        return self.evaluated_models()
+
+    def evaluated_models(self) -> dict[str, nn.Module]:
+        """The trained models as they are validated (a student deployed with parts of a loss: SimKD)."""
         return self.trained_models()
 
     def deployable(self) -> nn.Module:
         """The trained student alone (no teacher, peers' partners or exits): what run.py saves."""
         return self.trained_models()["student"]
+
+    def deployed_architecture(self, architecture: str) -> str:
+        """The architecture name of what `deployable` returns, given the student's."""
+        return architecture
 
     def knowledge_terms(self) -> list[Knowledge]:
         """Every live loss term registered under `self.knowledge`, however it is nested."""
@@ -356,7 +364,7 @@ class Scheme(L.LightningModule):
         return logits
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self.evaluate("val", self.trained_models(), batch)
+        return self.evaluate("val", self.evaluated_models(), batch)
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self.evaluate("test", self.models(), batch)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.data.datasets import view_key
+from kdlab.errors import KdlabError
 from kdlab.knowledge import views_of
 from kdlab.schemes.base import Scheme
 from kdlab.taps import FeatureTap, Outputs, expand_layers
@@ -29,6 +30,9 @@ class StudentScheme(Scheme):
         super().__init__(*args, **kwargs)
         self.student = student
         self.model_name = model_name
+        # What is evaluated and saved in the student's place when a loss says so (SimKD); kept out
+        # of the module tree (a tuple), since its parts are the student's, the loss's and the source's.
+        self._deployed: tuple[nn.Module, str] | None = None
         self.knowledge = nn.ModuleDict(self.templates)  # each tap() rebinds them to copies
         self.student_tap = self.tap(student, "student", model_name)
         self.add_metrics(model_name)
@@ -52,8 +56,14 @@ class StudentScheme(Scheme):
     def trained_models(self) -> dict[str, nn.Module]:
         return {self.model_name: self.student}
 
+    def evaluated_models(self) -> dict[str, nn.Module]:
+        return {self.model_name: self.deployable()}
+
     def deployable(self) -> nn.Module:
-        return self.student
+        return self._deployed[0] if self._deployed is not None else self.student
+
+    def deployed_architecture(self, architecture: str) -> str:
+        return f"{architecture} {self._deployed[1]}" if self._deployed is not None else architecture
 
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs | None:
         """The knowledge source for this batch (detached), or None when there is none."""
@@ -75,11 +85,26 @@ class StudentScheme(Scheme):
                 context = self.loss_context()
                 for term in self.knowledge.values():
                     term.build(student, source, context)
+                self._deployed = self._deployed_student(source)
         finally:
             self.student.train(was_training)
 
+    def _deployed_student(self, source: Outputs) -> tuple[nn.Module, str] | None:
+        deployed = [
+            (module, term.deployed_description())
+            for term in self.knowledge.values()
+            if (module := term.deployed_student(self.student, source)) is not None
+        ]
+        if len(deployed) > 1:
+            names = [f"knowledge.{t.name}" for t in self.knowledge.values() if t.deployed_description()]
+            raise KdlabError(
+                f"{' and '.join(names)} each replace the deployed student (e.g. SimKD classifies it with the "
+                "teacher's classifier), and a run can deploy one model only. Use one of them per run."
+            )
+        return deployed[0] if deployed else None
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.student(x)
+        return self.deployable()(x)
 
     def loss_terms(self, student: Outputs, source: Outputs | None, batch: Mapping[str, Tensor]) -> dict:
         """Unweighted loss terms: the task loss plus each knowledge term."""
