@@ -139,6 +139,8 @@ class StudentScheme(Scheme):
         x = batch["input"]
         student = self.student_tap(x)
         source = self.sources(x, batch)
+        if source is None:
+            return super().stage_outputs(batch)  # no fixed source to train towards: the clear error
         self.add_views(student, source, batch)
         return student, source
 
