@@ -312,7 +312,10 @@ class FSP(_LayerPairs):
     code, though, uses FSP only in an unweighted pre-training stage of the student's feature layers
     (30 `init_epochs`), then trains with cross-entropy alone, so that flag has no effect there.
     Here FSP is an ordinary term added to the loss sum at every step; the two-stage schedule is
-    not reproduced.
+    not reproduced. The reference also pairs the stem's output with stage 1 (its feature list starts
+    at the stem), giving three matrices on a CIFAR ResNet where [stages] gives two; kdlab's CIFAR
+    ResNets expose the stem by module path, so `student_layers: [relu, stages]` (and the same for
+    the teacher) reproduces its three.
     """
 
     key = "fsp"
