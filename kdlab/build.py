@@ -48,7 +48,9 @@ def build_knowledge(cfg: DictConfig) -> dict[str, nn.Module]:
     return {name: instantiate(node, name=name) for name, node in knowledge.items()}
 
 
-def optimisation(cfg: DictConfig, optimizer_overrides: Mapping | None = None, dot: bool = True) -> dict[str, Any]:
+def optimisation(
+    cfg: DictConfig, optimizer_overrides: Mapping | None = None, dot: bool = True
+) -> dict[str, Any]:
     """The partial optimizer and scheduler, as scheme keyword arguments.
 
     `optimizer_overrides` are merged over `optimizer.*` first (the teacher's own settings). With

@@ -51,11 +51,15 @@ def through_classifier(model: nn.Module | None, features: Tensor, loss: str = "t
 def classifier_in_features(model: nn.Module | None, loss: str = "this loss") -> int:
     """The width of the features the source's classifier reads (its first Linear's in_features)."""
     head = classifier_of(model, loss)
-    linear = head if isinstance(head, nn.Linear) else next(
-        (m for m in head.modules() if isinstance(m, nn.Linear)), None
+    linear = (
+        head
+        if isinstance(head, nn.Linear)
+        else next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
     )
     if linear is None:
-        raise KdlabError(f"{loss} needs a linear classifier on the source, but {type(head).__name__} has none.")
+        raise KdlabError(
+            f"{loss} needs a linear classifier on the source, but {type(head).__name__} has none."
+        )
     return linear.in_features
 
 

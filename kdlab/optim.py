@@ -1,4 +1,4 @@
-"""DOT, the distillation-oriented trainer: SGD with one momentum for the task gradient and one for the distillation gradient.
+"""DOT, the distillation-oriented trainer: SGD with one momentum for the task gradient, one for KD's.
 
 Zhao, Song, Song, Liang, "DOT: A Distillation-Oriented Trainer", ICCV 2023, Sec. 3.2 (Eq. 5-7):
 with the run's momentum mu and a gap delta, the task loss's gradient is accumulated with momentum
@@ -97,7 +97,9 @@ class DOT(Optimizer):
         return loss
 
     @staticmethod
-    def _apply(p: Tensor, state: dict, key: str, d_p: Tensor, momentum: float, lr: float, dampening: float) -> None:
+    def _apply(
+        p: Tensor, state: dict, key: str, d_p: Tensor, momentum: float, lr: float, dampening: float
+    ) -> None:
         buf = state.get(key)
         if buf is None:  # the first step takes the gradient itself, as torch.optim.SGD does
             buf = state[key] = d_p.detach().clone()

@@ -158,7 +158,8 @@ def _train(
         log_table(loggers, rows)
         stage_table = f"\n{format_stages(stages)}\n" if stages else ""
         print(
-            f"{stage_table}\n{format_table(rows)}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
+            f"{stage_table}\n{format_table(rows)}\n\n"
+            f"Run directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
         )
     if name and name not in metrics:  # checked last, so the run's results are written first
         raise KdlabError(

@@ -70,7 +70,10 @@ def stage_dir(output_dir: Path, term_name: str, stage: Stage) -> Path:
 
 
 def run_stages(
-    cfg: DictConfig, scheme: L.LightningModule, datamodule: L.LightningDataModule, output_dir: Path,
+    cfg: DictConfig,
+    scheme: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    output_dir: Path,
     resuming_main_fit: bool,
 ) -> list[dict[str, Any]]:
     """Run (or take up again) every stage the scheme's losses declare; their results, in order.
@@ -94,7 +97,12 @@ def run_stages(
                 continue
             if continuing and done.is_file():
                 scheme.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-                log.info("Stage %s of knowledge.%s: done before, its result taken from %s", stage.name, term_name, folder)
+                log.info(
+                    "Stage %s of knowledge.%s: done before, its result taken from %s",
+                    stage.name,
+                    term_name,
+                    folder,
+                )
                 results.append(json.loads(done.read_text()))
                 continue
             results.append(_fit_stage(cfg, scheme, datamodule, term_name, stage, folder, continuing))
@@ -102,8 +110,13 @@ def run_stages(
 
 
 def _fit_stage(
-    cfg: DictConfig, scheme: L.LightningModule, datamodule: L.LightningDataModule, term_name: str,
-    stage: Stage, folder: Path, continuing: bool,
+    cfg: DictConfig,
+    scheme: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    term_name: str,
+    stage: Stage,
+    folder: Path,
+    continuing: bool,
 ) -> dict[str, Any]:
     last = folder / "last.ckpt"
     resume_from = last if continuing and last.is_file() else None

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
 
-
 INPUT_SUFFIX = ":input"
 
 
@@ -86,7 +85,11 @@ def split_input_suffix(path: str) -> tuple[str, bool]:
 def stage_aliases(model: nn.Module, suffix: str = "") -> list[str]:
     """The model's stage tap points (stage1..stageN, or stage1_preact.. with `suffix`), by depth."""
     pattern = re.compile(rf"stage(\d+){re.escape(suffix)}")
-    found = [(int(m.group(1)), alias) for alias in getattr(model, "tap_points", {}) if (m := pattern.fullmatch(alias))]
+    found = [
+        (int(m.group(1)), alias)
+        for alias in getattr(model, "tap_points", {})
+        if (m := pattern.fullmatch(alias))
+    ]
     return [alias for _, alias in sorted(found)]
 
 

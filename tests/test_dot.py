@@ -18,20 +18,42 @@ from kdlab.schemes import Offline
 from tests.conftest import compose_config, fast_overrides
 
 # megvii-research/mdistiller, commit a08d46f, mdistiller/engine/dot.py: DistillationOrientedTrainer
-# (momentum 0.9 -/+ 0.075, lr 0.1, no weight decay: see test_weight_decay_reaches_an_adapter_from_the_first_step),
+# (momentum 0.9 -/+ 0.075, lr 0.1, no weight decay: see
+# test_weight_decay_reaches_an_adapter_from_the_first_step),
 # three steps of its documented loop (kd.backward; step_kd; task.backward; step) on `problem()` below,
 # float64. Rows: w, b, a.
 ANCHOR = [
-    [-1.062660439738, -0.156904777007, -0.021838929048, -0.354175102899, -0.293017775281, -0.272771981057,
-     0.701662335743, 0.953896372148, 0.251956063926, -0.173324041448, -1.512980762857, 0.964231942949],
+    [
+        -1.062660439738,
+        -0.156904777007,
+        -0.021838929048,
+        -0.354175102899,
+        -0.293017775281,
+        -0.272771981057,
+        0.701662335743,
+        0.953896372148,
+        0.251956063926,
+        -0.173324041448,
+        -1.512980762857,
+        0.964231942949,
+    ],
     [0.215778124049, 0.469240990459, -0.725040038602],
-    [1.466355370031, 1.547088729954, 0.470001458986, -0.172815359044, -0.261855949413, 0.05288998443,
-     -0.651476982619, 0.088733047154, -0.360657039313],
+    [
+        1.466355370031,
+        1.547088729954,
+        0.470001458986,
+        -0.172815359044,
+        -0.261855949413,
+        0.05288998443,
+        -0.651476982619,
+        0.088733047154,
+        -0.360657039313,
+    ],
 ]
 
 
 def problem():
-    """A linear classifier (w, b: both losses reach them) and an adapter `a` only the distillation loss reaches."""
+    """A linear classifier (w, b: both losses reach them) and an adapter `a` only distillation reaches."""
     g = torch.Generator().manual_seed(0)
     w, b, a = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((3, 4), (3,), (3, 3)))
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -52,11 +74,15 @@ def test_dot_matches_the_authors_optimizer():
     for _ in range(3):
         task, distill = losses(params, x, y, t)
         optimizer.zero_grad(set_to_none=True)
-        optimizer.add_distillation_grads(params, torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True))
+        optimizer.add_distillation_grads(
+            params, torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True)
+        )
         task.backward()
         optimizer.step()
     for p, expected in zip(params, ANCHOR, strict=True):
-        torch.testing.assert_close(p.detach().flatten(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(
+            p.detach().flatten(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-9
+        )
 
 
 def test_weight_decay_reaches_an_adapter_from_the_first_step():
@@ -70,8 +96,11 @@ def test_weight_decay_reaches_an_adapter_from_the_first_step():
     torch.testing.assert_close(adapter.detach(), torch.tensor([0.45, 1.45]))
     optimizer.add_distillation_grads([adapter], [torch.tensor([1.0, 1.0])])
     optimizer.step()
-    # only the distillation loss reaches it, so its momentum is 0.9: buffer = 0.9 * [1.1, -0.9] + [1.045, 1.145]
-    torch.testing.assert_close(adapter.detach(), torch.tensor([0.45, 1.45]) - 0.5 * torch.tensor([2.035, 0.335]))
+    # only the distillation loss reaches it, so its momentum is 0.9:
+    # buffer = 0.9 * [1.1, -0.9] + [1.045, 1.145]
+    torch.testing.assert_close(
+        adapter.detach(), torch.tensor([0.45, 1.45]) - 0.5 * torch.tensor([2.035, 0.335])
+    )
 
 
 def test_dot_with_delta_zero_is_sgd_on_the_summed_loss():
@@ -83,7 +112,9 @@ def test_dot_with_delta_zero_is_sgd_on_the_summed_loss():
     for _ in range(3):
         task, distill = losses(params, x, y, t)
         dot.zero_grad(set_to_none=True)
-        dot.add_distillation_grads(params, torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True))
+        dot.add_distillation_grads(
+            params, torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True)
+        )
         task.backward()
         dot.step()
         sgd.zero_grad()
@@ -121,8 +152,15 @@ def test_a_scheme_hands_dot_the_distillation_gradient_and_backpropagates_the_tas
         )
 
     dot_scheme = scheme(partial(DOT, lr=0.05, momentum=0.9, delta=0.075))
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(dot_scheme, train_dataloaders=torch.utils.data.DataLoader(Batches(), batch_size=None))
     # The same two steps by hand, as the authors' loop: distillation gradient, then task gradient.
     manual = scheme(None)
@@ -134,7 +172,9 @@ def test_a_scheme_hands_dot_the_distillation_gradient_and_backpropagates_the_tas
         task = manual.task_weight * terms["task"]
         distill = manual.weighted_sum(terms) - task
         optimizer.zero_grad(set_to_none=True)
-        optimizer.add_distillation_grads(params, torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True))
+        optimizer.add_distillation_grads(
+            params, torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True)
+        )
         task.backward()
         optimizer.step()
     for (name, p), q in zip(dot_scheme.student.named_parameters(), manual.student.parameters(), strict=True):

@@ -24,8 +24,13 @@ def model(name):
 
 
 def build(mode, knowledge):
-    common = dict(optimizer=partial(torch.optim.SGD, lr=0.05), num_classes=10, input_shape=(1, 28, 28),
-                  knowledge=knowledge, num_samples=64)
+    common = dict(
+        optimizer=partial(torch.optim.SGD, lr=0.05),
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        knowledge=knowledge,
+        num_samples=64,
+    )
     if mode == "online":
         return Online(student=model("resnet8"), teacher=model("resnet14"), **common)
     return BYOT(student=model("resnet8"), **common)

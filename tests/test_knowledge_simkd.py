@@ -22,9 +22,26 @@ from tests.conftest import NO_PLOTS, cli_overrides, run_main
 # MSE(trans_feat_s, trans_feat_t) and pred_feat_s (the teacher classifier's logits of the student).
 ANCHOR_LOSS = 0.4452461812379693
 ANCHOR_PRED = [
-    -0.6781669868, 0.5058488555, 0.181315904, -2.0367310443, 0.0504505132, -0.7460929892, 0.4927387481,
-    0.214057835, -2.0593502268, 0.011917663, -0.6689982753, 0.5562030932, 0.2380090436, -2.134590346,
-    -0.0172804656, -0.6970275767, 0.586973827, 0.2651338386, -2.1911217761, -0.0397175702,
+    -0.6781669868,
+    0.5058488555,
+    0.181315904,
+    -2.0367310443,
+    0.0504505132,
+    -0.7460929892,
+    0.4927387481,
+    0.214057835,
+    -2.0593502268,
+    0.011917663,
+    -0.6689982753,
+    0.5562030932,
+    0.2380090436,
+    -2.134590346,
+    -0.0172804656,
+    -0.6970275767,
+    0.586973827,
+    0.2651338386,
+    -2.1911217761,
+    -0.0397175702,
 ]
 
 
@@ -49,17 +66,24 @@ class HeadOnly(nn.Module):
 def test_loss_and_teacher_classifier_predictions_match_the_authors_code():
     g, fs, ft, head = anchor_inputs()
     loss = SimKD(student_layers=["s"], teacher_layers=["t"])
-    student, source = Outputs(torch.zeros(4, 5), {"s": fs}), Outputs(torch.zeros(4, 5), {"t": ft}, model=HeadOnly(head))
+    student, source = (
+        Outputs(torch.zeros(4, 5), {"s": fs}),
+        Outputs(torch.zeros(4, 5), {"t": ft}, model=HeadOnly(head)),
+    )
     loss.build(student, source)
     loss.double().eval()
     with torch.no_grad():
         for conv in (m for m in loss.projector if isinstance(m, nn.Conv2d)):
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64) * 0.3)
-    torch.testing.assert_close(loss(student, source, {}), torch.tensor(ANCHOR_LOSS, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        loss(student, source, {}), torch.tensor(ANCHOR_LOSS, dtype=torch.float64), rtol=1e-5, atol=0
+    )
     # The deployed student's prediction: pooled projection through the teacher's classifier.
     projected = loss.projector(F.adaptive_avg_pool2d(fs, 4))
     pred = head(projected.mean(dim=(2, 3)))
-    torch.testing.assert_close(pred.flatten(), torch.tensor(ANCHOR_PRED, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        pred.flatten(), torch.tensor(ANCHOR_PRED, dtype=torch.float64), rtol=1e-5, atol=1e-9
+    )
 
 
 def test_loss_by_hand_is_the_mean_squared_error_of_the_projection():
@@ -69,15 +93,22 @@ def test_loss_by_hand_is_the_mean_squared_error_of_the_projection():
     loss.build(Outputs(torch.zeros(2, 3), {"s": s}), Outputs(torch.zeros(2, 3), {"t": t}, model=head))
     projected = loss.projector(F.avg_pool2d(s, 2))  # the 4x4 student map pooled to the teacher's 2x2
     expected = ((projected - t) ** 2).sum() / projected.numel()
-    torch.testing.assert_close(loss(Outputs(torch.zeros(2, 3), {"s": s}), Outputs(torch.zeros(2, 3), {"t": t}), {}), expected)
+    torch.testing.assert_close(
+        loss(Outputs(torch.zeros(2, 3), {"s": s}), Outputs(torch.zeros(2, 3), {"t": t}), {}), expected
+    )
 
 
 def offline(**kwargs):
     teacher = create_model("resnet14", num_classes=10, in_channels=1, input_size=28)
     student = create_model("resnet8", num_classes=10, in_channels=1, input_size=28)
     scheme = Offline(
-        teacher=teacher, student=student, optimizer=partial(torch.optim.SGD, lr=0.1), num_classes=10,
-        input_shape=(1, 28, 28), knowledge={"simkd": SimKD(**kwargs)}, num_samples=100,
+        teacher=teacher,
+        student=student,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        knowledge={"simkd": SimKD(**kwargs)},
+        num_samples=100,
     )
     return scheme, teacher, student
 
@@ -112,8 +143,14 @@ def test_simkd_refuses_a_source_whose_classifier_learns():
         teacher=create_model("resnet14", num_classes=10, in_channels=1, input_size=28),
     )
     with pytest.raises(KdlabError, match="must stay fixed.*mode=offline"):
-        Online(**peers, optimizer=partial(torch.optim.SGD, lr=0.1), num_classes=10, input_shape=(1, 28, 28),
-               knowledge={"simkd": SimKD()}, num_samples=100)
+        Online(
+            **peers,
+            optimizer=partial(torch.optim.SGD, lr=0.1),
+            num_classes=10,
+            input_shape=(1, 28, 28),
+            knowledge={"simkd": SimKD()},
+            num_samples=100,
+        )
     with pytest.raises(KdlabError, match="knowledge.simkd.factor"):
         SimKD(factor=0)
     with pytest.raises(KdlabError, match="one layer of each model"):
@@ -122,7 +159,10 @@ def test_simkd_refuses_a_source_whose_classifier_learns():
 
 def test_simkd_trains_through_the_cli_and_saves_the_deployed_student(tmp_path, fashion_mnist, teacher_store):
     overrides = cli_overrides(tmp_path, 2, teacher_store)
-    proc = run_main([*overrides, "knowledge=simkd", "model@teacher=resnet14", "model@student=resnet8", NO_PLOTS], cwd=tmp_path)
+    proc = run_main(
+        [*overrides, "knowledge=simkd", "model@teacher=resnet14", "model@student=resnet8", NO_PLOTS],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     result = json.loads((run / "metrics.json").read_text())
@@ -130,6 +170,12 @@ def test_simkd_trains_through_the_cli_and_saves_the_deployed_student(tmp_path, f
     assert row["architecture"] == "resnet8 + simkd projector + teacher's classifier"
     saved = torch.load(run / "student.pt", weights_only=True)
     assert saved["architecture"] == row["architecture"]
-    assert any(k.startswith("head.") for k in saved["state_dict"]) and any(k.startswith("projector.") for k in saved["state_dict"])
+    assert any(k.startswith("head.") for k in saved["state_dict"]) and any(
+        k.startswith("projector.") for k in saved["state_dict"]
+    )
     # The saved deployed model, rebuilt by hand, gives the reported test accuracy's ingredients.
-    assert row["params"] == sum(v.numel() for k, v in saved["state_dict"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert row["params"] == sum(
+        v.numel()
+        for k, v in saved["state_dict"].items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )

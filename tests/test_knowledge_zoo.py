@@ -92,7 +92,11 @@ def test_every_knowledge_config_trains_offline_through_the_cli(tmp_path, fashion
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {name: json.loads((sweep / str(i) / "metrics.json").read_text()) for i, name in enumerate(names)}
     for name, result in runs.items():
-        trained = [key.removeprefix("train/").removesuffix("_epoch") for key in result["metrics"] if key.endswith("_epoch")]
+        trained = [
+            key.removeprefix("train/").removesuffix("_epoch")
+            for key in result["metrics"]
+            if key.endswith("_epoch")
+        ]
         assert set(trained) > {"task", "loss"}, (name, trained)
         assert all(math.isfinite(result["metrics"][f"train/{term}_epoch"]) for term in trained), name
         assert 0 <= result["metrics"]["test/student/top1"] <= 1, name

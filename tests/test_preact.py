@@ -29,7 +29,9 @@ def test_post_activation_resnets_preact_is_the_stage_output_before_its_relu(name
 def test_wrn_preact_is_the_next_batchnorm_of_the_stage_output():
     model = create_model("wrn_16_2", num_classes=10).eval()
     with torch.no_grad():
-        feats = FeatureTap(model, ["stage1", "stage1_preact", "stage3", "stage3_preact"])(torch.randn(2, 3, 32, 32)).feats
+        feats = FeatureTap(model, ["stage1", "stage1_preact", "stage3", "stage3_preact"])(
+            torch.randn(2, 3, 32, 32)
+        ).feats
     torch.testing.assert_close(feats["stage1_preact"], model.block2[0].bn1(feats["stage1"]))
     torch.testing.assert_close(feats["stage3_preact"], model.bn(feats["stage3"]))
     assert norm_before(model, "stage3_preact") is model.bn

@@ -21,7 +21,7 @@ from filelock import FileLock
 from kdlab.build import build_knowledge, build_scheme, instantiate, scheme_class
 from kdlab.errors import KdlabError
 from kdlab.models import create_model
-from kdlab.schemes import BYOT, PSKD, Baseline, BornAgain, Offline, Online
+from kdlab.schemes import BYOT, CSKD, PSKD, Baseline, BornAgain, Offline, Online, TfKD
 from kdlab.store import build_once
 from kdlab.teachers import TeacherStore
 from tests.conftest import ROOT, compose_config, fast_overrides
@@ -50,6 +50,8 @@ def sources(cfg, tmp_path):
         ("pskd", PSKD),
         ("baseline", Baseline),
         ("born_again", BornAgain),
+        ("cskd", CSKD),
+        ("tfkd", TfKD),
     ],
 )
 def test_mode_selects_an_ordinary_scheme_class(mode, cls, tmp_path):

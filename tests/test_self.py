@@ -103,7 +103,15 @@ def test_pskd_refuses_feature_knowledge(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("mode", "name"), [("self", "byot"), ("byot", "byot"), ("pskd", "pskd"), ("born_again", "born_again")]
+    ("mode", "name"),
+    [
+        ("self", "byot"),
+        ("byot", "byot"),
+        ("pskd", "pskd"),
+        ("born_again", "born_again"),
+        ("cskd", "cskd"),
+        ("tfkd", "tfkd"),
+    ],
 )
 def test_each_self_distillation_method_is_its_own_scheme(mode, name, tmp_path):
     # metrics.json and the logger tags name the method, not the family.

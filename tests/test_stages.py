@@ -1,4 +1,4 @@
-"""Stages before the main fit (kdlab.stages): they run, are reported, and a resumed run does not repeat them."""
+"""Stages before the main fit (kdlab.stages): they run, are reported, and resuming does not repeat them."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def count_stage_steps(monkeypatch):
     return calls
 
 
-def test_a_stage_runs_before_the_main_fit_and_is_reported(tmp_path, fashion_mnist, teacher_store, count_stage_steps):
+def test_a_stage_runs_before_the_main_fit_and_is_reported(
+    tmp_path, fashion_mnist, teacher_store, count_stage_steps
+):
     result = train(compose_config(overrides(tmp_path, teacher_store)))
     assert len(count_stage_steps) == 2 * 2  # 2 epochs of 2 batches (trainer.limit_train_batches applies)
     [stage] = result["stages"]
@@ -93,7 +95,8 @@ def test_resuming_does_not_repeat_a_finished_stage(tmp_path, fashion_mnist, teac
     assert second["stages"] == first["stages"]
     # The scheme was given the stage's weights before the main fit.
     assert any(
-        state.keys() == weights.keys() and all(torch.equal(state[k], v) for k, v in weights.items()) for state in loaded
+        state.keys() == weights.keys() and all(torch.equal(state[k], v) for k, v in weights.items())
+        for state in loaded
     )
 
     # Stopped inside the stage: it continues from its own last.ckpt (here after its last epoch).

@@ -159,7 +159,9 @@ class ImageClassificationDataModule(LightningDataModule):
                 f"it as a list of augmentations under data.views.{unknown[0]}, e.g. "
                 f"'+data.views.{unknown[0]}=[{{_target_: torchvision.transforms.v2.RandAugment}}]'."
             )
-        wanted = {name: build_pipeline(self.view_steps[name], self.mean, self.std, self.decode) for name in names}
+        wanted = {
+            name: build_pipeline(self.view_steps[name], self.mean, self.std, self.decode) for name in names
+        }
         if wanted.keys() != self.views.keys():
             self.views = wanted
             self.train_set = None  # set up again with the views
@@ -168,7 +170,9 @@ class ImageClassificationDataModule(LightningDataModule):
         """Build the training loader's batches with `factory(dataset, seed, epoch, batch_size)`.
 
         For schemes that need batches of a particular make-up (CS-KD: pairs of samples of one
-        class). The batch sampler must have `set_epoch`, which Lightning calls every epoch.
+        class). The factory must return a torch BatchSampler whose `sampler` (a constructor argument,
+        so that Lightning can put a DistributedSampler in its place under DDP) has `set_epoch`:
+        Lightning calls it on `batch_sampler.sampler` every epoch, not on the batch sampler.
         """
         self.batch_sampler_factory = factory
 

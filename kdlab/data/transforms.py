@@ -29,7 +29,9 @@ def build_pipeline(
     return v2.Compose([*head, *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), *tail])
 
 
-def as_transform_list(transforms, default: Sequence[Callable], key: str = "data.train_transforms") -> list[Callable]:
+def as_transform_list(
+    transforms, default: Sequence[Callable], key: str = "data.train_transforms"
+) -> list[Callable]:
     """Return the user's augmentation list (None means `default`), checking each entry is callable.
 
     Hydra hands over a ListConfig, so anything iterable is accepted.

@@ -56,7 +56,9 @@ class SimKDStudent(nn.Module):
     `head` is the teacher's real classifier module (frozen in offline mode), not a copy.
     """
 
-    def __init__(self, backbone: nn.Module, layer: str, projector: nn.Module, head: nn.Module, size: tuple[int, int]):
+    def __init__(
+        self, backbone: nn.Module, layer: str, projector: nn.Module, head: nn.Module, size: tuple[int, int]
+    ):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
@@ -92,7 +94,9 @@ class SimKD(Knowledge):
         factor: int = 2,
         name: str | None = None,
     ):
-        super().__init__(weight, task_weight, layer_list(student_layers), layer_list(teacher_layers), name=name)
+        super().__init__(
+            weight, task_weight, layer_list(student_layers), layer_list(teacher_layers), name=name
+        )
         checked_number(factor, self.name, "factor", 2, minimum=1, strict=False)
         if int(factor) != factor:
             raise KdlabError(f"knowledge.{self.name}.factor={factor!r} must be a whole number, e.g. 2.")
@@ -121,14 +125,16 @@ class SimKD(Knowledge):
         if any(p.requires_grad for p in head.parameters()):
             raise KdlabError(
                 f"knowledge.{self.name} (SimKD) classifies the student with the teacher's classifier, which "
-                "must stay fixed, but this scheme's source is still learning (peers in mode=online, the deepest "
+                "must stay fixed, but this scheme's source is still learning (peers in mode=online, the "
+                "deepest "
                 "exit in self-distillation). Use SimKD with a frozen teacher: mode=offline."
             )
         width = classifier_in_features(source.model, f"knowledge.{self.name}")
         if width != t.shape[1]:
             raise KdlabError(
                 f"knowledge.{self.name}: the teacher's classifier reads {width} features, but its layer "
-                f"'{self.teacher_layers[0]}' has {t.shape[1]} channels, so the projected student map could not "
+                f"'{self.teacher_layers[0]}' has {t.shape[1]} channels, so the projected student map "
+                "could not "
                 f"be classified by it. Set knowledge.{self.name}.teacher_layers to the layer its classifier "
                 "reads after pooling ([last_stage] for kdlab's CNNs)."
             )
@@ -136,13 +142,19 @@ class SimKD(Knowledge):
         self.size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
 
     def forward(
-        self, student: Outputs, source: Outputs, batch: Mapping[str, Tensor], context: LossContext | None = None
+        self,
+        student: Outputs,
+        source: Outputs,
+        batch: Mapping[str, Tensor],
+        context: LossContext | None = None,
     ) -> Tensor:
         s, t = pool_to_common_size(*self._maps(student, source))
         return F.mse_loss(self.projector(s), t.detach())
 
     def deployed_student(self, student: nn.Module, source: Outputs) -> nn.Module:
-        return SimKDStudent(student, self.student_layers[0], self.projector, classifier_of(source.model), self.size)
+        return SimKDStudent(
+            student, self.student_layers[0], self.projector, classifier_of(source.model), self.size
+        )
 
     def deployed_description(self) -> str:
         return f"+ {self.name} projector + teacher's classifier"

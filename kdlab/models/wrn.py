@@ -88,7 +88,11 @@ class WideResNet(nn.Module):
             "stage2_preact": "block3.0.relu1:input",
             "stage3_preact": "relu:input",
         }
-        self.norm_points = {"stage1_preact": "block2.0.bn1", "stage2_preact": "block3.0.bn1", "stage3_preact": "bn"}
+        self.norm_points = {
+            "stage1_preact": "block2.0.bn1",
+            "stage2_preact": "block3.0.bn1",
+            "stage3_preact": "bn",
+        }
 
     @staticmethod
     def _make_group(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

@@ -26,8 +26,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdlab.distributed import world_size
 from kdlab.errors import KdlabError
 from kdlab.heads import classifier_of
-from kdlab.optim import DOT
 from kdlab.knowledge import Knowledge, LossContext
+from kdlab.optim import DOT
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -234,14 +234,15 @@ class Scheme(L.LightningModule):
     def _dot_optimizer(self) -> DOT | None:
         if self._trainer is None or not self.automatic_optimization:
             return None
-        optimizers = self.trainer.optimizers
+        optimizers = getattr(self.trainer, "optimizers", None)  # None: no optimizer set up (a bare step)
         optimizer = optimizers[0] if optimizers else None
         if not isinstance(optimizer, DOT):
             return None
         if str(self.trainer.precision).startswith("16"):
             raise KdlabError(
                 f"optimizer=dot with trainer.precision={self.trainer.precision}: DOT takes the distillation "
-                "gradient itself, outside the fp16 gradient scaler, so the two gradients would be on different "
+                "gradient itself, outside the fp16 gradient scaler, so the two gradients would be on "
+                "different "
                 "scales. Use trainer.precision=bf16-mixed or 32-true with DOT."
             )
         return optimizer
