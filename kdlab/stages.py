@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ from kdlab.knowledge import Knowledge, Stage
 from kdlab.tables import markdown_table
 
 log = logging.getLogger(__name__)
+# A stage has no validation (the main fit validates); Lightning says so once per stage.
+warnings.filterwarnings("ignore", message=r".*val_dataloader.*but have no `validation_step`")
 STAGES_DIR = "stages"
 RESULT = "result.json"
 WEIGHTS = "weights.pt"
@@ -54,6 +58,16 @@ class StageFit(L.LightningModule):
         loss = term.stage_loss(self.stage.name, student, source, batch, self.scheme.loss_context())
         self.log("stage_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         return loss
+
+    def train(self, mode: bool = True):
+        super().train(mode)  # the scheme's train(): its stage-only modules go to eval ...
+        term = self.scheme.knowledge[self.term_name]
+        for module in term.stage_modules(self.stage.name):
+            module.train(mode)  # ... but this stage trains them
+        if not self.stage.trains_student:
+            for model in self.scheme.trained_models().values():
+                model.eval()  # its forward pass must not move the student's BatchNorm statistics
+        return self
 
     def configure_optimizers(self):
         term = self.scheme.knowledge[self.term_name]
@@ -137,7 +151,8 @@ def _fit_stage(
         callbacks=[checkpoints],
     )
     module = StageFit(scheme, term_name, stage)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    with only_these_train(scheme, scheme.stage_parameters(scheme.knowledge[term_name], stage)):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     result = {
         "knowledge": term_name,
         "stage": stage.name,
@@ -148,6 +163,22 @@ def _fit_stage(
         torch.save(scheme.state_dict(), folder / WEIGHTS)
         (folder / RESULT).write_text(json.dumps(result, indent=2))
     return result
+
+
+@contextmanager
+def only_these_train(scheme: L.LightningModule, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block, only `params` require a gradient (DDP must not wait for the others')."""
+    keep = {id(p) for p in params}
+    changed = [p for p in scheme.parameters() if p.requires_grad and id(p) not in keep]
+    for p in changed:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
 
 
 def format_stages(results: list[dict[str, Any]]) -> str:

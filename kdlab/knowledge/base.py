@@ -45,6 +45,16 @@ def checked_number(
     return float(value)
 
 
+def checked_epochs(value: object, key: str, name: str = "init_epochs", example: int = 30) -> int:
+    """`value` if it is a whole number of epochs >= 1, else a KdlabError naming `knowledge.<key>.<name>`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KdlabError(
+            f"knowledge.{key}.{name}={value!r}: the stage before the main fit runs a whole number of epochs, "
+            f"at least 1. Set it to such a number, e.g. knowledge.{key}.{name}={example} (the recipe's)."
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Stage:
     """A fit a loss needs before the main one (e.g. AB's initialisation, FT's paraphraser).
@@ -164,6 +174,14 @@ class Knowledge(nn.Module):
     def stage_modules(self, stage: str) -> list[nn.Module]:
         """This loss's modules that stage `stage` trains (all of its adapters by default)."""
         return [self]
+
+    def stage_only_modules(self) -> list[nn.Module]:
+        """This loss's modules that only its stages train (AB's connectors, FT's paraphraser).
+
+        The main fit keeps them fixed: not in its optimizer, no gradient, BatchNorm on its running
+        statistics (kdlab.schemes.base.Scheme freezes them when the main fit is set up).
+        """
+        return []
 
     def stage_loss(
         self,

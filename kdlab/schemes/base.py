@@ -372,11 +372,30 @@ class Scheme(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The trained models' and the live loss adapters' parameters: never a frozen teacher's."""
+        """The trained models' and the live loss adapters' parameters: never a frozen teacher's, nor
+        what only a loss's stages train (`Knowledge.stage_only_modules`)."""
         params = [p for model in self.trained_models().values() for p in model.parameters()]
         params += [p for term in self.knowledge_terms() for p in term.parameters()]
-        unique = {id(p): p for p in params if p.requires_grad}
+        stage_only = {id(p) for module in self.stage_only_modules() for p in module.parameters()}
+        unique = {id(p): p for p in params if p.requires_grad and id(p) not in stage_only}
         return list(unique.values())
+
+    def stage_only_modules(self) -> list[nn.Module]:
+        """The live terms' modules that only their stages train."""
+        return [module for term in self.knowledge_terms() for module in term.stage_only_modules()]
+
+    def setup(self, stage: str) -> None:
+        # Before Lightning wraps the model (DDP records what requires a gradient): what only a stage
+        # trains is fixed in the main fit.
+        if stage == "fit":
+            for module in self.stage_only_modules():
+                module.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.stage_only_modules():
+            module.eval()  # fixed in the main fit: BatchNorm on the statistics its stage left
+        return self
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
