@@ -73,7 +73,8 @@ def test_logits_and_stage_features(name, in_channels, input_size, num_classes):
     model = create_model(name, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
     model.eval()
     stages = expand_layers(model, ["stages"])
-    assert list(model.tap_points) == [*stages, "embedding"]
+    preacts = expand_layers(model, ["stages_preact"]) if "stage1_preact" in model.tap_points else []
+    assert sorted(model.tap_points) == sorted([*stages, *preacts, "embedding"])
     assert stages == [f"stage{i}" for i in range(1, len(stages) + 1)]
     tap = FeatureTap(model, [*stages, "embedding"])
     with torch.no_grad():
