@@ -55,6 +55,23 @@ def checked_epochs(value: object, key: str, name: str = "init_epochs", example: 
     return value
 
 
+def linear_warmup(context: LossContext | None, epochs: int, key: str, method: str) -> float:
+    """min(epoch / epochs, 1), counting epochs from 1 as mdistiller does (DKD, ReviewKD, SDD); 1 for 0.
+
+    A loss used outside a scheme must be given the run's epoch in `context`; without it, a clear
+    error naming `knowledge.<key>.warmup_epochs`.
+    """
+    if epochs <= 0:
+        return 1.0
+    if context is None:
+        raise KdlabError(
+            f"knowledge.{key} ({method}) ramps its loss up over the first {epochs} epochs, so it needs the "
+            "run's epoch, but forward() got no context. Pass context=LossContext(epoch=<current epoch>, "
+            f"...), or set knowledge.{key}.warmup_epochs=0 for no warm-up."
+        )
+    return min((context.epoch + 1) / epochs, 1.0)
+
+
 @dataclass(frozen=True)
 class Stage:
     """A fit a loss needs before the main one (e.g. AB's initialisation, FT's paraphraser).

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.errors import KdlabError
-from kdlab.knowledge.base import Knowledge, LossContext, checked_number
+from kdlab.knowledge.base import Knowledge, LossContext, checked_number, linear_warmup
 from kdlab.taps import Outputs
 
 
@@ -111,17 +110,7 @@ class DKD(Knowledge):
         self.warmup_epochs = int(warmup_epochs)
 
     def warmup_factor(self, context: LossContext | None) -> float:
-        """min(epoch / warm-up, 1), counting epochs from 1 as the reference code does."""
-        if self.warmup_epochs <= 0:
-            return 1.0
-        if context is None:
-            raise KdlabError(
-                f"knowledge.{self.name} (DKD) ramps its loss up over the first {self.warmup_epochs} "
-                "epochs, so it needs the run's epoch, but forward() got no context. Pass "
-                "context=LossContext(epoch=<current epoch>, ...), or set "
-                f"knowledge.{self.name}.warmup_epochs=0 for no warm-up."
-            )
-        return min((context.epoch + 1) / self.warmup_epochs, 1.0)
+        return linear_warmup(context, self.warmup_epochs, self.name, "DKD")
 
     def forward(
         self,

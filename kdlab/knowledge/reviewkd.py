@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
-from kdlab.knowledge.base import LossContext
+from kdlab.knowledge.base import LossContext, linear_warmup
 from kdlab.knowledge.feature import as_map
 from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.taps import Outputs
@@ -162,17 +162,7 @@ class ReviewKD(LayerPairKnowledge):
         )
 
     def warmup_factor(self, context: LossContext | None) -> float:
-        """min(epoch / warm-up, 1), counting epochs from 1 as mdistiller does."""
-        if self.warmup_epochs == 0:
-            return 1.0
-        if context is None:
-            raise KdlabError(
-                f"knowledge.{self.name} (ReviewKD) ramps its loss up over the first {self.warmup_epochs} "
-                "epochs, so it needs the run's epoch, but forward() got no context. Pass "
-                "context=LossContext(epoch=<current epoch>, ...), or set "
-                f"knowledge.{self.name}.warmup_epochs=0 for no warm-up."
-            )
-        return min((context.epoch + 1) / self.warmup_epochs, 1.0)
+        return linear_warmup(context, self.warmup_epochs, self.name, "ReviewKD")
 
     def reviewed(self, feats: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """U_1..U_n: the fused student maps, computed from the deepest level up."""

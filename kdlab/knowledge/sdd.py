@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kdlab.errors import KdlabError
 from kdlab.heads import classifier_in_features, classifier_of, through_classifier
-from kdlab.knowledge.base import LossContext, checked_number
+from kdlab.knowledge.base import LossContext, checked_number, linear_warmup
 from kdlab.knowledge.pairs import LayerPairKnowledge
 from kdlab.knowledge.response import binary_log_probs, non_target
 from kdlab.taps import Outputs
@@ -169,16 +169,7 @@ class SDD(LayerPairKnowledge):
                 )
 
     def warmup_factor(self, context: LossContext | None) -> float:
-        """min(epoch / warm-up, 1), counting epochs from 1 as the reference does."""
-        if self.warmup_epochs == 0:
-            return 1.0
-        if context is None:
-            raise KdlabError(
-                f"{self.label} ramps its loss up over the first {self.warmup_epochs} epochs, so it needs "
-                "the run's epoch, but forward() got no context. Pass context=LossContext(epoch=...), or "
-                f"set knowledge.{self.name}.warmup_epochs=0 for no warm-up."
-            )
-        return min((context.epoch + 1) / self.warmup_epochs, 1.0)
+        return linear_warmup(context, self.warmup_epochs, self.name, "SDD")
 
     def region_losses(self, z_s: Tensor, z_t: Tensor, target: Tensor) -> Tensor:
         """The base loss of every region, (N * B,), each scaled by T^2."""
