@@ -102,16 +102,17 @@ def optimisation(
         merged = OmegaConf.merge(cfg.optimizer, optimizer_overrides)
         optimizer = tried(merged, "teacher_training.optimizer", set(optimizer_overrides))
     if dot and (cfg.get("dot") or {}).get("enabled"):
-        optimizer = distillation_oriented(cfg)
+        node = OmegaConf.merge(cfg.optimizer, optimizer_overrides) if optimizer_overrides else cfg.optimizer
+        optimizer = distillation_oriented(cfg, node)
     return {
         "optimizer": optimizer,
         "scheduler": instantiate(scheduler) if scheduler else None,
     }
 
 
-def distillation_oriented(cfg: DictConfig) -> functools.partial:
-    """DOT (kdlab.optim) with the SGD settings of `optimizer.*` and `dot.delta`."""
-    node = cfg.optimizer
+def distillation_oriented(cfg: DictConfig, node: DictConfig | None = None) -> functools.partial:
+    """DOT (kdlab.optim) with the SGD settings of `node` (`optimizer.*` by default) and `dot.delta`."""
+    node = cfg.optimizer if node is None else node
     if node.get("_target_") not in ("torch.optim.SGD", "torch.optim.sgd.SGD") or node.get("nesterov"):
         raise KdlabError(
             f"dot.enabled=true gives SGD's momentum a task and a distillation part, but optimizer is "
@@ -121,7 +122,7 @@ def distillation_oriented(cfg: DictConfig) -> functools.partial:
     settings = {key: node[key] for key in ("lr", "momentum", "weight_decay", "dampening") if key in node}
     try:
         DOT([nn.Parameter(torch.zeros(1))], delta=cfg.dot.delta, **settings)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise KdlabError(
             f"dot.delta={cfg.dot.delta} with optimizer.momentum={node.get('momentum')}: {error}. DOT's two "
             "momenta are momentum - delta and momentum + delta; the paper uses momentum 0.9, dot.delta=0.075."

@@ -103,6 +103,10 @@ def finished_run(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 # ------------------------------------------------------------------ what to resume from
+# Where kdlab.stages keeps the state of the stages some losses run before the main fit.
+STAGES_DIR = "stages"
+
+
 @dataclass
 class ResumePoint:
     """The checkpoint a run starts from, what kdlab recorded in it, and whether it is this run's own."""
@@ -127,7 +131,7 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> ResumePoint | None:
             return None
     elif str(requested) == "last":
         found = newest_checkpoint(cfg, output_dir)
-        if found is None and (output_dir / "stages").is_dir():
+        if found is None and (output_dir / STAGES_DIR).is_dir():
             return None  # stopped in a stage before the main fit: the stages resume themselves
         if found is None:
             raise KdlabError(

@@ -117,7 +117,15 @@ def _train(
         )
 
     # The stages some losses run first (AB's initialisation, FT's paraphraser); see kdlab.stages.
-    stages = run_stages(cfg, scheme, datamodule, output_dir, resuming_main_fit=bool(start and start.same_run))
+    stages = run_stages(
+        cfg,
+        scheme,
+        datamodule,
+        output_dir,
+        from_checkpoint=start is not None,
+        callbacks=[EpochSeed(cfg.seed), RunRecord(teacher)],
+        teacher=teacher,
+    )
     trainer.fit(scheme, datamodule=datamodule, ckpt_path=start.checkpoint if start else None)
     metrics = _floats(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -126,12 +134,15 @@ def _train(
     trainer.test(scheme, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics.update(_floats(trainer.callback_metrics))
 
-    student_file = output_dir / "student.pt"  # loadable with student.checkpoint= or teacher.checkpoint=
+    # Loadable with student.checkpoint= or teacher.checkpoint=, unless "deployed" (SimKD's: see its docs).
+    student_file = output_dir / "student.pt"
     if trainer.is_global_zero:  # under DDP every rank gets here; one writes the outputs
         torch.save(
             {
                 "state_dict": scheme.deployable().state_dict(),
                 "architecture": scheme.deployed_architecture(cfg.student.name),
+                # True when the deployed model is more than the student's architecture (SimKD)
+                "deployed": scheme.deployable() is not scheme.trained_models().get("student"),
             },
             student_file,
         )

@@ -32,13 +32,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from kdlab.build import build_trainer
+from kdlab.errors import KdlabError
 from kdlab.knowledge import Knowledge, Stage
+from kdlab.resume import STAGES_DIR, ResumePoint, check_teacher, read_record
 from kdlab.tables import markdown_table
 
 log = logging.getLogger(__name__)
 # A stage has no validation (the main fit validates); Lightning says so once per stage.
 warnings.filterwarnings("ignore", message=r".*val_dataloader.*but have no `validation_step`")
-STAGES_DIR = "stages"
 RESULT = "result.json"
 WEIGHTS = "weights.pt"
 
@@ -74,7 +75,12 @@ class StageFit(L.LightningModule):
         factory = self.scheme.optimizer_factory
         if self.stage.lr is not None:
             if not isinstance(factory, partial):
-                raise TypeError("a stage with its own lr needs a partial optimizer (Hydra's _partial_: true)")
+                raise KdlabError(
+                    f"Stage {self.stage.name} of knowledge.{self.term_name} sets its own learning rate, "
+                    "which needs the optimizer config to be a partial (`_partial_: true` in "
+                    "conf/optimizer/). Add it, or set the stage's learning rate to null (e.g. "
+                    f"knowledge.{self.term_name}.init_lr=null)."
+                )
             factory = partial(factory.func, *factory.args, **{**factory.keywords, "lr": self.stage.lr})
         return factory(self.scheme.stage_parameters(term, self.stage))
 
@@ -88,12 +94,16 @@ def run_stages(
     scheme: L.LightningModule,
     datamodule: L.LightningDataModule,
     output_dir: Path,
-    resuming_main_fit: bool,
+    from_checkpoint: bool,
+    callbacks: list[L.Callback] = (),
+    teacher: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or take up again) every stage the scheme's losses declare; their results, in order.
 
-    `resuming_main_fit`: the main fit continues from a checkpoint of this run, which holds what
-    the stages trained, so they are only reported.
+    `from_checkpoint`: the main fit starts from a checkpoint (this run's, or ckpt_path=<file>),
+    which holds what the stages trained, so they are not run; this run's finished ones are
+    reported. `callbacks` go to each stage's trainer (the run's per-epoch seeding and record), and
+    a stage taken up again from its last.ckpt must have been trained with the same `teacher`.
     """
     continuing = str(cfg.get("ckpt_path")) == "last"
     results = []
@@ -106,8 +116,9 @@ def run_stages(
         for stage in term.stages():
             folder = stage_dir(output_dir, term_name, stage)
             done = folder / RESULT
-            if resuming_main_fit and done.is_file():
-                results.append(json.loads(done.read_text()))
+            if from_checkpoint:
+                if done.is_file():
+                    results.append(json.loads(done.read_text()))
                 continue
             if continuing and done.is_file():
                 scheme.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
@@ -119,7 +130,9 @@ def run_stages(
                 )
                 results.append(json.loads(done.read_text()))
                 continue
-            results.append(_fit_stage(cfg, scheme, datamodule, term_name, stage, folder, continuing))
+            results.append(
+                _fit_stage(cfg, scheme, datamodule, term_name, stage, folder, continuing, callbacks, teacher)
+            )
     return results
 
 
@@ -131,9 +144,13 @@ def _fit_stage(
     stage: Stage,
     folder: Path,
     continuing: bool,
+    callbacks: list[L.Callback],
+    teacher: dict[str, Any] | None,
 ) -> dict[str, Any]:
     last = folder / "last.ckpt"
     resume_from = last if continuing and last.is_file() else None
+    if resume_from is not None:  # the stage goes on with the teacher it started with, or not at all
+        check_teacher(ResumePoint(resume_from, read_record(resume_from), True), teacher)
     if resume_from is None and folder.exists():
         shutil.rmtree(folder)  # a stage of an earlier, unrelated start in this directory
     print(f"Stage {stage.name} of knowledge.{term_name}: {stage.epochs} epochs before the main fit")
@@ -148,7 +165,7 @@ def _fit_stage(
             "enable_checkpointing": True,
         },
         logger=False,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, *callbacks],
     )
     module = StageFit(scheme, term_name, stage)
     with only_these_train(scheme, scheme.stage_parameters(scheme.knowledge[term_name], stage)):

@@ -27,6 +27,7 @@ from torch import nn
 
 from kdlab.build import build_knowledge, build_model, build_scheme, build_trainer
 from kdlab.errors import KdlabError
+from kdlab.knowledge import Knowledge
 from kdlab.loggers import CSVLogger
 from kdlab.store import build_once, content_key, save_atomic
 
@@ -146,8 +147,8 @@ class TeacherStore:
         """
         if count < 1:
             raise KdlabError(
-                f"mode.generations={count}: Born-Again needs at least one earlier generation to distil "
-                "from. Set mode.generations=K (K >= 1; the run trains generation K from generation K-1)."
+                f"mode.generations={count}: Born-Again needs at least one earlier generation to distil from. "
+                "Set mode.generations=K (K >= 1; the run trains generation K from generation K-1)."
             )
         chain_cfg = cfg.copy()
         with open_dict(chain_cfg):
@@ -219,6 +220,7 @@ def train_teacher(
     else:
         mode = OmegaConf.create({"_target_": OFFLINE, "task_weight": cfg.mode.get("task_weight")})
         knowledge, sources = build_knowledge(cfg), {"teacher": source}
+        refuse_for_generations(knowledge)
     scheme = build_scheme(
         cfg,
         datamodule,
@@ -243,6 +245,26 @@ def train_teacher(
     datamodule.trainer = None
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     return model.state_dict(), metrics
+
+
+def refuse_for_generations(knowledge: dict[str, nn.Module]) -> None:
+    """A generation trained in the store is a plain model fit: no stages, no extra views, and its
+    own classifier as the deployed model. Losses that need more are refused before training."""
+    for name, term in knowledge.items():
+        needs = []
+        if term.stages():
+            needs.append("a stage before the main fit")
+        if term.views:
+            needs.append(f"extra views of each sample ({', '.join(term.views)})")
+        if type(term).deployed_student is not Knowledge.deployed_student:
+            needs.append("a deployed student other than the model itself")
+        if needs:
+            raise KdlabError(
+                "mode=born_again trains its generations as plain models in the teacher store, but "
+                f"knowledge.{name} needs {' and '.join(needs)}, which a stored generation cannot have. Use "
+                "it with mode=offline (e.g. teacher.checkpoint=<a generation's teacher.pt>), or pick "
+                "another knowledge for mode=born_again (e.g. knowledge=kd)."
+            )
 
 
 def record_dict(record: TeacherRecord | None) -> dict[str, Any] | None:

@@ -57,3 +57,28 @@ def test_each_knowledge_trains_in_the_scheme_or_explains_why_not(name, mode, tmp
     loss.backward()
     trained = [p for m in scheme.trained_models().values() for p in m.parameters()]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+@pytest.mark.parametrize("name", ["simkd", "mlkd", "ab", "ft"])
+def test_born_again_generations_refuse_losses_a_stored_model_cannot_carry(name, tmp_path):
+    from kdlab.teachers import refuse_for_generations
+
+    knowledge = build_knowledge(compose_config([*fast_overrides(tmp_path), f"knowledge={name}"]))
+    with pytest.raises(KdlabError, match=rf"mode=born_again .* knowledge\.{name} needs"):
+        refuse_for_generations(knowledge)
+    refuse_for_generations(build_knowledge(compose_config([*fast_overrides(tmp_path), "knowledge=kd"])))
+
+
+def test_pskd_refuses_a_loss_that_reads_extra_views(tmp_path):
+    from kdlab.schemes import PSKD
+
+    knowledge = build_knowledge(compose_config([*fast_overrides(tmp_path), "knowledge=mlkd"]))
+    with pytest.raises(KdlabError, match=r"mode=pskd .* knowledge\.mlkd compares predictions on extra views"):
+        PSKD(
+            student=model("resnet8"),
+            optimizer=partial(torch.optim.SGD, lr=0.05),
+            num_classes=10,
+            input_shape=(1, 28, 28),
+            knowledge=knowledge,
+            num_samples=64,
+        )

@@ -12,7 +12,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.knowledge.simkd import SimKD, SimKDStudent
-from kdlab.models import create_model
+from kdlab.models import create_model, load_weights
 from kdlab.schemes import Offline, Online
 from kdlab.taps import Outputs
 from tests.conftest import NO_PLOTS, cli_overrides, run_main
@@ -169,7 +169,12 @@ def test_simkd_trains_through_the_cli_and_saves_the_deployed_student(tmp_path, f
     row = next(r for r in result["models"] if r["model"] == "student")
     assert row["architecture"] == "resnet8 + simkd projector + teacher's classifier"
     saved = torch.load(run / "student.pt", weights_only=True)
-    assert saved["architecture"] == row["architecture"]
+    assert saved["architecture"] == row["architecture"] and saved["deployed"] is True
+    # Not the weights of the student's architecture (its own classifier never trained): refused as such.
+    with pytest.raises(KdlabError, match="holds a deployed student"):
+        load_weights(
+            create_model("resnet8", num_classes=10, in_channels=1, input_size=28), run / "student.pt"
+        )
     assert any(k.startswith("head.") for k in saved["state_dict"]) and any(
         k.startswith("projector.") for k in saved["state_dict"]
     )

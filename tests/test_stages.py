@@ -116,3 +116,21 @@ def test_a_stage_in_online_mode_is_a_clear_error(tmp_path, fashion_mnist, teache
 
     with pytest.raises(KdlabError, match="runs a stage before the main fit.*mode=offline"):
         train(compose_config(overrides(tmp_path, teacher_store, "mode=online", "knowledge=dml")))
+
+
+def test_a_run_started_from_a_checkpoint_does_not_run_the_stages(
+    tmp_path, fashion_mnist, teacher_store, count_stage_steps
+):
+    train(compose_config(overrides(tmp_path / "first", teacher_store)))
+    count_stage_steps.clear()
+    # The checkpoint holds what the stage trained; a new run from it starts with the main fit.
+    checkpoint = tmp_path / "first" / "run" / "checkpoints" / "last.ckpt"
+    second = overrides(
+        tmp_path / "second",
+        teacher_store,
+        f"ckpt_path={checkpoint}",
+        "trainer.max_epochs=2",
+        "teacher_training.trainer.max_epochs=1",
+    )
+    result = train(compose_config(second))
+    assert count_stage_steps == [] and result["stages"] == []

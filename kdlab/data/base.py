@@ -249,7 +249,7 @@ class ImageClassificationDataModule(LightningDataModule):
     @property
     def train_transform_is_random(self) -> bool:
         """Whether a training sample looks different every epoch (any augmentation counts as random)."""
-        return bool(self.augmentation) or bool(self.views)
+        return bool(self.augmentation)
 
     def fingerprint(self) -> str:
         """A hash of the training split's content: its samples (see `sample_digest`) and labels.

@@ -65,10 +65,14 @@ class SimKDStudent(nn.Module):
         self.head = head
         self.layer = layer
         self.size = size  # the teacher map's size: a larger student map is pooled to it, as in training
-        self._tap = FeatureTap(backbone, [layer], "student")
 
     def forward(self, x: Tensor) -> Tensor:
-        feature = self._tap(x).feats[self.layer]
+        # A hook for this call only: the student's training forwards must not pay for it.
+        tap = FeatureTap(self.backbone, [self.layer], "student")
+        try:
+            feature = tap(x).feats[self.layer]
+        finally:
+            tap.remove()
         if feature.shape[-2] > self.size[0] or feature.shape[-1] > self.size[1]:
             feature = F.adaptive_avg_pool2d(feature, self.size)
         projected = self.projector(feature)

@@ -77,6 +77,14 @@ def _read(path: Path) -> object:
 
 
 def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and obj.get("deployed") is True:
+        raise KdlabError(
+            f"'{path}' holds a deployed student ({obj.get('architecture')}): the student's backbone "
+            "with parts of its distillation method (SimKD's projector and the teacher's classifier), so "
+            "it is not the weights of one architecture, and its own classifier was never trained. "
+            "Evaluate it as saved (torch.load and kdlab.knowledge.simkd.SimKDStudent), or use the "
+            "student of a method that trains its classifier."
+        )
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):

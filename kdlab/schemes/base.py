@@ -87,8 +87,8 @@ def checked_knowledge(knowledge: Mapping[str, nn.Module] | None) -> dict[str, Kn
     for name, term in terms.items():
         if not isinstance(term, Knowledge):
             raise KdlabError(
-                f"knowledge.{name} built a {type(term).__name__}, not a kdlab Knowledge loss. "
-                "Its _target_ must name a subclass of kdlab.knowledge.Knowledge."
+                f"knowledge.{name} built a {type(term).__name__}, not a kdlab Knowledge loss. Its _target_ "
+                "must name a subclass of kdlab.knowledge.Knowledge."
             )
     return terms
 
@@ -187,7 +187,8 @@ class Scheme(L.LightningModule):
         return self.trained_models()
 
     def deployable(self) -> nn.Module:
-        """The trained student alone (no teacher, peers' partners or exits): what run.py saves."""
+        """What run.py saves as the student: the trained student alone (no teacher, peers' partners or
+        exits), or the model a loss deploys in its place (SimKD's: student + projector + teacher's head)."""
         return self.trained_models()["student"]
 
     def deployed_architecture(self, architecture: str) -> str:
@@ -208,9 +209,9 @@ class Scheme(L.LightningModule):
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise KdlabError(
                 f"The {role} outputs logits of shape {tuple(logits.shape)}, but the data has "
-                f"{self.num_classes} classes, so its predictions cannot be compared with the labels "
-                f"or with the other model. Build the {role} with num_classes={self.num_classes} "
-                f"(e.g. {role}.num_classes=${{data.num_classes}}), or load a checkpoint trained on this data."
+                f"{self.num_classes} classes, so its predictions cannot be compared with the labels or with "
+                f"the other model. Build the {role} with num_classes={self.num_classes} (e.g. "
+                f"{role}.num_classes=${{data.num_classes}}), or load a checkpoint trained on this data."
             )
 
     def loss_to_backpropagate(self, total: Tensor, task: Tensor) -> Tensor:
@@ -222,7 +223,12 @@ class Scheme(L.LightningModule):
         """
         optimizer = self._dot_optimizer()
         distill = total - task
-        if optimizer is None or not distill.requires_grad:
+        # No distillation term counts (none configured, or all weighted 0, e.g. AB's main fit): plain SGD.
+        if (
+            optimizer is None
+            or not distill.requires_grad
+            or not any(t.weight for t in self.knowledge_terms())
+        ):
             return total
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # Lightning divides the loss it backpropagates by the accumulation count; the same here.
@@ -238,12 +244,21 @@ class Scheme(L.LightningModule):
         optimizer = optimizers[0] if optimizers else None
         if not isinstance(optimizer, DOT):
             return None
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1 and not getattr(strategy, "_ddp_kwargs", {}).get(
+            "find_unused_parameters"
+        ):
+            raise KdlabError(
+                "dot.enabled=true under DDP: DOT takes the distillation gradient outside DDP's reducer, so "
+                "DDP would report the loss adapters, which only distillation reaches, as unused. Set "
+                "trainer.strategy=ddp_find_unused_parameters_true (DOT averages its distillation gradient "
+                "over the processes itself)."
+            )
         if str(self.trainer.precision).startswith("16"):
             raise KdlabError(
-                f"optimizer=dot with trainer.precision={self.trainer.precision}: DOT takes the distillation "
-                "gradient itself, outside the fp16 gradient scaler, so the two gradients would be on "
-                "different "
-                "scales. Use trainer.precision=bf16-mixed or 32-true with DOT."
+                f"dot.enabled=true with trainer.precision={self.trainer.precision}: DOT takes the "
+                "distillation gradient itself, outside the fp16 gradient scaler, so the two gradients would "
+                "be on different scales. Use trainer.precision=bf16-mixed or 32-true with DOT."
             )
         return optimizer
 
@@ -256,16 +271,16 @@ class Scheme(L.LightningModule):
         """
         staged = [f"knowledge.{t.name}" for t in self.templates.values() if t.stages()]
         raise KdlabError(
-            f"{', '.join(staged) or 'A loss'} runs a stage before the main fit (e.g. AB's initialisation "
-            f"or FT's paraphraser), which trains one student towards a fixed source, but mode={self.name} "
-            "has no fixed source to train towards. Use it with mode=offline."
+            f"{', '.join(staged) or 'A loss'} runs a stage before the main fit (e.g. AB's initialisation or "
+            f"FT's paraphraser), which trains one student towards a fixed source, but mode={self.name} has "
+            "no fixed source to train towards. Use it with mode=offline."
         )
 
     def stage_parameters(self, term: Knowledge, stage: Any) -> list[nn.Parameter]:
         """What `stage` of `term` trains: the modules it names, and the student's layers if it says so."""
         params = [p for module in term.stage_modules(stage.name) for p in module.parameters()]
         if stage.trains_student:
-            student = self.deployable()
+            student = next(iter(self.trained_models().values()))
             try:  # the classifier is left alone: a stage's loss does not reach it
                 head = {id(p) for p in classifier_of(student).parameters()}
             except KdlabError:

@@ -21,9 +21,9 @@ def refuse_feature_knowledge(templates: Mapping, method: str, source: str) -> No
     for name, term in templates.items():
         if term.teacher_layers:
             raise KdlabError(
-                f"mode={method} distils from {source}, which carry no features, but "
-                f"knowledge.{name} reads {list(term.teacher_layers)}. Use response-based knowledge "
-                "(e.g. knowledge=dml, kd, dkd or dist), or mode=byot, whose deepest exit has features."
+                f"mode={method} distils from {source}, which carry no features, but knowledge.{name} reads "
+                f"{list(term.teacher_layers)}. Use response-based knowledge (e.g. knowledge=dml, kd, dkd or "
+                "dist), or mode=byot, whose deepest exit has features."
             )
 
 
@@ -44,15 +44,23 @@ class PSKD(StudentScheme):
     def __init__(self, *args, alpha_T: float = 0.8, **kwargs):
         super().__init__(*args, **kwargs)
         refuse_feature_knowledge(self.templates, "pskd", "the model's own past predictions")
+        for name, term in self.templates.items():
+            if term.views:
+                raise KdlabError(
+                    "mode=pskd learns from the model's own past prediction for each sample, kept for one "
+                    f"view, but knowledge.{name} compares predictions on extra views "
+                    f"({', '.join(term.views)}), which the bank does not hold. Use it with mode=offline or "
+                    "mode=online, or knowledge=dml here."
+                )
         if not self.templates:
             raise KdlabError(
-                "mode.method=pskd needs a knowledge term to compare the model with its past "
-                "predictions. Use knowledge=dml (PS-KD's loss: KL at T=1)."
+                "mode.method=pskd needs a knowledge term to compare the model with its past predictions. "
+                "Use knowledge=dml (PS-KD's loss: KL at T=1)."
             )
         if not self.num_samples:
             raise KdlabError(
-                "PS-KD keeps one prediction per training sample, so it needs the training split's "
-                "size, but the scheme got none. Build it through kdlab.build, or pass num_samples."
+                "PS-KD keeps one prediction per training sample, so it needs the training split's size, but "
+                "the scheme got none. Build it through kdlab.build, or pass num_samples."
             )
         self.bank = PredictionBank(self.num_samples, self.num_classes)
         PredictionBank.alpha(0, 2, alpha_T)  # raises the clear error for alpha_T outside [0, 1]
