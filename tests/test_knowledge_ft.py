@@ -211,7 +211,7 @@ def test_bad_settings_and_layers_it_cannot_paraphrase_are_explained():
     with pytest.raises(KdlabError, match=r"teacher's layer 't' gives shape \(2, 8\)"):
         FT(student_layers=["s"], teacher_layers=["t"]).build(outputs("s", x), outputs("t", torch.zeros(2, 8)))
     two = Outputs(torch.zeros(2, 3), {"a": x, "b": x})
-    with pytest.raises(KdlabError, match=r"paraphrases one layer .* given 2 pairs"):
+    with pytest.raises(KdlabError, match=r"paraphrases one layer .* give 2 pairs"):
         FT(student_layers=["a", "b"], teacher_layers=["a", "b"]).build(two, two)
     with pytest.raises(KdlabError, match=r"call build\(\) before the first forward"):
         FT(student_layers=["s"], teacher_layers=["t"])(outputs("s", x), outputs("t", x), {})

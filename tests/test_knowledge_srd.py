@@ -201,7 +201,7 @@ def test_bad_settings_and_pairs_it_cannot_handle_are_explained():
         SRD(sr_loss="ce")
     with pytest.raises(KdlabError, match=r"knowledge.srd.temperature=0"):
         SRD(temperature=0)
-    with pytest.raises(KdlabError, match=r"SRD distils one representation"):
+    with pytest.raises(KdlabError, match=r"\(SRD\) distils one representation"):
         SRD(student_layers=["stage2", "stage3"], teacher_layers=["stage2", "stage3"])
     # The teacher's stage2 (32 channels) is not what its classifier (64 features) reads.
     with pytest.raises(KdlabError, match=r"classifier, which reads 64 features"):

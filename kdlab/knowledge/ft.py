@@ -138,16 +138,9 @@ class FT(LayerPairKnowledge):
     # --------------------------------------------------------------------------- building
     def maps(self, student: Outputs, source: Outputs) -> tuple[Tensor, Tensor]:
         """The student's map and the teacher's (detached): one pair of 4-D maps."""
-        feats = self.pairs(student, source)
-        if len(feats) != 1:
-            raise KdlabError(
-                f"knowledge.{self.name} (FT) paraphrases one layer of the teacher (the paper's last group), "
-                f"but it is given {len(feats)} pairs ({list(self.student_layers)} / "
-                f"{list(self.teacher_layers)}). "
-                f"Set knowledge.{self.name}.student_layers and knowledge.{self.name}.teacher_layers to one "
-                "layer each, e.g. [last_stage]."
-            )
-        [(s, t)] = feats
+        s, t = self.one_pair(
+            student, source, "paraphrases one layer of the teacher (the paper's last group)", "last_stage"
+        )
         for side, name, x in (("student", self.student_layers[0], s), ("teacher", self.teacher_layers[0], t)):
             if x.ndim != 4:
                 raise KdlabError(

@@ -70,11 +70,11 @@ class LayerPairKnowledge(Knowledge):
             n = min(len(s_names), len(t_names))
             raise KdlabError(
                 f"{type(self).__name__} compares student_layers[i] with teacher_layers[i], but after "
-                f"'stages'/'last_stage' were expanded for each model the student has {len(s_names)} "
-                f"layer(s) {s_names} and the teacher {len(t_names)} {t_names}. Give "
+                f"'stages'/'last_stage' were expanded for each model the student has {len(s_names)} layer(s) "
+                f"{s_names} and the teacher {len(t_names)} {t_names}. Give "
                 f"knowledge.{self.name}.student_layers and knowledge.{self.name}.teacher_layers the same "
-                f"number of layers, e.g. the deepest {n} "
-                f"of each: knowledge.{self.name}.student_layers=[{','.join(s_names[-n:])}] "
+                f"number of layers, e.g. the deepest {n} of each: "
+                f"knowledge.{self.name}.student_layers=[{','.join(s_names[-n:])}] "
                 f"knowledge.{self.name}.teacher_layers=[{','.join(t_names[-n:])}]."
             )
         pairs = []
@@ -95,14 +95,36 @@ class LayerPairKnowledge(Knowledge):
         if name not in outputs.feats:
             raise KdlabError(
                 f"{type(self).__name__} reads the {side}'s feature '{name}', but the {side}'s outputs carry "
-                f"only {sorted(outputs.feats)}. Build the loss inside a scheme, which taps the layers "
-                f"named in knowledge.{self.name}.{side}_layers, or check that list names a tap point or "
-                "module path."
+                f"only {sorted(outputs.feats)}. Build the loss inside a scheme, which taps the layers named "
+                f"in knowledge.{self.name}.{side}_layers, or check that list names a tap point or module "
+                "path."
             )
         return outputs.feats[name]
 
     def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
         self.pairs(student, source)  # fail before training, with the message, not at step one
+
+    def check_one_layer(self, what: str, example: str, count: int | None = None) -> None:
+        """Raise the clear error of a loss that reads exactly one layer of each model (SRD, SDD, FT).
+
+        `what` says why (e.g. "distils the representation the teacher's classifier reads"); `count`
+        is the number of pairs after the scheme expanded group names (None: the configured lists).
+        """
+        pairs = count if count is not None else max(len(self.student_layers), len(self.teacher_layers))
+        if pairs == 1 and len(self.student_layers) == len(self.teacher_layers) == 1:
+            return
+        raise KdlabError(
+            f"knowledge.{self.name} ({type(self).__name__}) {what}, so it reads one layer of each model, but "
+            f"student_layers={list(self.student_layers)} and teacher_layers={list(self.teacher_layers)} give "
+            f"{pairs} pairs. Set both to one layer, e.g. knowledge.{self.name}.student_layers=[{example}] "
+            f"knowledge.{self.name}.teacher_layers=[{example}]."
+        )
+
+    def one_pair(self, student: Outputs, source: Outputs, what: str, example: str) -> tuple[Tensor, Tensor]:
+        """The single (student, detached source) pair of a loss that reads one layer of each model."""
+        pairs = self.pairs(student, source)
+        self.check_one_layer(what, example, len(pairs))
+        return pairs[0]
 
     def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError

@@ -35,6 +35,10 @@ def regions(fmap: Tensor, scales: Sequence[int]) -> Tensor:
     return pooled.permute(2, 0, 1).reshape(-1, fmap.shape[1])
 
 
+# Why SDD reads one layer of each model, for its error messages.
+ONE_LAYER = "classifies regions of the feature map each model's classifier pools"
+
+
 class SDD(LayerPairKnowledge):
     """Wei, Luo & Luo 2024, "Scale Decoupled Distillation" (CVPR), Sec. 3: L = L_CE + alpha * L_SDD,
     L_SDD = D_con + beta * D_com.
@@ -114,27 +118,14 @@ class SDD(LayerPairKnowledge):
                 f"for dkd, 0 for kd). Set knowledge.{self.name}.warmup_epochs=20."
             )
         self.warmup_epochs = warmup_epochs
-        if len(self.student_layers) != 1 or len(self.teacher_layers) != 1:
-            raise KdlabError(self._one_layer_message())
+        self.check_one_layer(ONE_LAYER, "embedding:input")
 
     @property
     def label(self) -> str:
         return f"knowledge.{self.name} (SDD)"
 
-    def _one_layer_message(self) -> str:
-        return (
-            f"SDD reads one feature map per model, the one the classifier pools, but "
-            f"knowledge.{self.name}.student_layers={list(self.student_layers)} and "
-            f"teacher_layers={list(self.teacher_layers)}. Set both to one layer, e.g. "
-            f"knowledge.{self.name}.student_layers=[embedding:input] "
-            f"knowledge.{self.name}.teacher_layers=[embedding:input]."
-        )
-
     def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
-        pairs = self.pairs(student, source)
-        if len(pairs) != 1:
-            raise KdlabError(self._one_layer_message())
-        ((s, t),) = pairs
+        s, t = self.one_pair(student, source, ONE_LAYER, "embedding:input")
         for side, outputs, x in (("student", student, s), ("teacher", source, t)):
             layer = (self.student_layers if side == "student" else self.teacher_layers)[0]
             if outputs.model is None:

@@ -27,6 +27,10 @@ from kdlab.taps import Outputs
 SR_LOSSES = ("mse", "kl")
 
 
+# Why SRD reads one layer of each model, for its error messages.
+ONE_LAYER = "distils one representation, the one the teacher's classifier reads"
+
+
 class SRD(LayerPairKnowledge):
     """Yang et al. 2021, "Knowledge Distillation via Softmax Regression Representation Learning"
     (ICLR), Sec. 3: L = L_CE + alpha * L_FM + beta * L_SR.
@@ -81,22 +85,10 @@ class SRD(LayerPairKnowledge):
         self.temperature = checked_number(
             temperature, self.name, "temperature", 1, why="it divides the logits"
         )
-        if len(self.student_layers) != 1 or len(self.teacher_layers) != 1:
-            raise KdlabError(self._one_layer_message(list(self.student_layers), list(self.teacher_layers)))
-
-    def _one_layer_message(self, s_names: list[str], t_names: list[str]) -> str:
-        return (
-            f"SRD distils one representation, the one the teacher's classifier reads, but "
-            f"knowledge.{self.name}.student_layers={s_names} and teacher_layers={t_names}. Set both to "
-            f"one layer: knowledge.{self.name}.student_layers=[embedding] "
-            f"knowledge.{self.name}.teacher_layers=[embedding]."
-        )
+        self.check_one_layer(ONE_LAYER, "embedding")
 
     def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
-        pairs = self.pairs(student, source)
-        if len(pairs) != 1:  # a group name may have expanded to several layers
-            raise KdlabError(self._one_layer_message(list(self.student_layers), list(self.teacher_layers)))
-        ((s, t),) = pairs
+        s, t = self.one_pair(student, source, ONE_LAYER, "embedding")
         for side, x in (("student", s), ("teacher", t)):
             if x.ndim not in (2, 4):
                 layer = (self.student_layers if side == "student" else self.teacher_layers)[0]
