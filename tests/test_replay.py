@@ -6,7 +6,15 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from kdlab.data.replay import CropStep, FlipStep, ReplayPipeline, ResizedCropStep, unreplayable
+from kdlab.data.replay import (
+    CropStep,
+    FlipStep,
+    ReplayedViews,
+    ReplayPipeline,
+    ResizedCropStep,
+    draw_views,
+    unreplayable,
+)
 from kdlab.errors import KdlabError
 
 
@@ -85,3 +93,50 @@ def test_deterministic_steps_pass_through_and_unreplayable_ones_are_refused_by_n
         KdlabError, match="The training augmentation RandAugment cannot be stored and replayed"
     ):
         ReplayPipeline([v2.RandomCrop(28, padding=2), v2.Compose([v2.RandAugment()])])
+
+
+def stored_views(count=3, n=6, **kwargs):
+    images = torch.stack([image(seed=i) for i in range(n)])
+    pipeline = ReplayPipeline([v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()])
+    params = draw_views(pipeline, images, count, seed=11)
+    tail = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.5,), (0.25,))])
+    return images, pipeline, params, tail, ReplayedViews(images, torch.arange(n) % 3, pipeline, params, tail)
+
+
+def test_views_are_drawn_from_their_own_seed_and_served_in_turn_each_epoch():
+    images, pipeline, params, tail, dataset = stored_views()
+    torch.manual_seed(123)  # the run's seed plays no part in the draw
+    assert params.shape == (6, 3, 3) and torch.equal(params, draw_views(pipeline, images, 3, seed=11))
+    assert not torch.equal(params, draw_views(pipeline, images, 3, seed=12))
+    for epoch in (0, 1, 5):
+        dataset.set_epoch(epoch)
+        for i in range(len(dataset)):
+            item = dataset[i]
+            view = (epoch + i) % 3  # views cycle when there are more epochs than K
+            assert item["view"] == view and item["index"] == i and item["target"] == i % 3
+            assert torch.equal(item["input"], tail(pipeline.apply(images[i], params[i, view])))
+
+
+def test_a_finite_set_of_views_is_shared_by_every_sample():
+    images, pipeline, _, tail, _ = stored_views()
+    every = pipeline.choices(images[0])
+    dataset = ReplayedViews(images, torch.zeros(len(images)), pipeline, every, tail)
+    dataset.set_epoch(4)
+    item = dataset[2]
+    assert item["view"] == 6 and torch.equal(item["input"], tail(pipeline.apply(images[2], every[6])))
+
+
+def test_loader_workers_follow_the_epoch_the_sampler_is_given():
+    from kdlab.data.base import EpochShuffle
+
+    _, _, _, _, dataset = stored_views(count=4)
+    sampler = EpochShuffle(dataset, seed=0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=3, sampler=sampler, num_workers=1, persistent_workers=True
+    )
+    for epoch in (0, 1, 2):
+        sampler.set_epoch(epoch)  # Lightning calls it before each epoch's iteration
+        seen = {
+            int(i): int(v) for batch in loader for i, v in zip(batch["index"], batch["view"], strict=True)
+        }
+        assert seen == {i: (epoch + i) % 4 for i in range(len(dataset))}

@@ -47,6 +47,10 @@ class EpochShuffle(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        # A dataset whose items depend on the epoch (stored views, kdlab.data.replay) follows it.
+        dataset = getattr(self.data_source, "dataset", self.data_source)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[int]:
         # The trailing 1 keeps this stream apart from EpochSeed's (kdlab.resume), seeded from (seed, epoch).

@@ -14,6 +14,10 @@ replay. A `ReplayPipeline` wraps a training augmentation list whose random steps
 - `choices(image)` lists every possible view when there are few of them (RandomCrop with padding p:
   (2p+1)^2 positions; a flip: 2), so a cache can store them all.
 
+`draw_views` draws K views per sample from a seed of its own, and `ReplayedViews` is the training
+dataset that serves them: view (epoch + index) mod K of each sample, with the view's number in the
+batch so that the teacher's outputs for exactly that image can be found.
+
 RandomCrop, RandomResizedCrop and the horizontal and vertical flips have steps; transforms that
 draw nothing (Resize, CenterCrop, Pad, ...) pass through. Anything else is refused by name
 (`unreplayable`): another transform joins by adding a ReplayStep and listing it in `STEPS`.
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from kdlab.errors import KdlabError
@@ -242,3 +247,64 @@ def _flatten(transforms: Sequence[Callable]):
             yield from _flatten(transform.transforms)
         else:
             yield transform
+
+
+def draw_views(pipeline: ReplayPipeline, images: Tensor, count: int, seed: int = 0) -> Tensor:
+    """`count` views of every image, as parameters: int32 [N, count, width].
+
+    The draw depends only on `seed` and the images' shapes (not on the run's seed), so every run of
+    a sweep replays the same views and can share the teacher's outputs for them. Where the pipeline
+    has a small finite set of views and `count` covers it, use `pipeline.choices` instead.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    rows = torch.empty(len(images), count, pipeline.width, dtype=torch.int32)
+    for i, image in enumerate(images):
+        for k in range(count):
+            rows[i, k] = pipeline.draw(image, generator)
+    return rows
+
+
+class ReplayedViews(Dataset):
+    """Training samples as stored views: in epoch e, sample i is its view (e + i) mod K.
+
+    `params` holds each sample's K views ([N, K, width]) or K views shared by every sample
+    ([K, width], e.g. all of a pipeline's finite views). Items are {"input", "target", "index",
+    "view"}: the view's image after `tail` (the dataset's float/normalise steps), and which view it
+    is, so the teacher's stored outputs for exactly that image can be looked up. Views cycle when a
+    run has more epochs than K; every run, whatever its seed, sees view (e + i) mod K of sample i.
+    The epoch lives in shared memory: loader workers see `set_epoch` (called by the sampler).
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        pipeline: ReplayPipeline,
+        params: Tensor,
+        tail: Callable[[Tensor], Tensor],
+    ):
+        if params.ndim not in (2, 3) or params.shape[-1] != pipeline.width:
+            raise ValueError(
+                f"params must be [N, K, {pipeline.width}] or [K, {pipeline.width}], got {tuple(params.shape)}"
+            )
+        if params.ndim == 3 and len(params) != len(images):
+            raise ValueError(f"{len(params)} rows of views for {len(images)} images")
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.int64)
+        self.pipeline, self.params, self.tail = pipeline, params, tail
+        self.views = params.shape[-2]
+        self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(int(epoch))
+
+    def view_of(self, index: int) -> int:
+        return (int(self.epoch) + int(index)) % self.views
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        view = self.view_of(index)
+        row = self.params[index, view] if self.params.ndim == 3 else self.params[view]
+        image = self.tail(self.pipeline.apply(self.images[index], row))
+        return {"input": image, "target": int(self.targets[index]), "index": int(index), "view": view}
