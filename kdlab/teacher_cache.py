@@ -61,22 +61,40 @@ FORMAT = 1
 
 
 class TeacherOutputs:
-    """Cached teacher outputs for every training-split index: fp16 logits and features."""
+    """Cached teacher outputs for every training-split index: fp16 logits and features.
 
-    def __init__(self, logits: Tensor, feats: Mapping[str, Tensor]):
+    Without augmentation each table is [N, ...]: one row per sample. With stored views
+    (kdlab.data.replay) it is [N, K, ...]: one row per sample and view, and `lookup` takes the
+    batch's view numbers too.
+    """
+
+    def __init__(self, logits: Tensor, feats: Mapping[str, Tensor], views: int | None = None):
         self.logits = logits
         self.feats = dict(feats)
+        self.views = views  # K for per-view tables, None for one row per sample
 
     def to(self, device: torch.device) -> TeacherOutputs:
-        return TeacherOutputs(self.logits.to(device), {k: v.to(device) for k, v in self.feats.items()})
+        feats = {k: v.to(device) for k, v in self.feats.items()}
+        return TeacherOutputs(self.logits.to(device), feats, self.views)
 
     @property
     def device(self) -> torch.device:
         return self.logits.device
 
-    def lookup(self, index: Tensor, dtype: torch.dtype = torch.float32) -> Outputs:
-        """The outputs for a batch of sample indices, on the index's device, as `dtype`."""
+    def lookup(
+        self, index: Tensor, dtype: torch.dtype = torch.float32, view: Tensor | None = None
+    ) -> Outputs:
+        """The outputs for a batch of sample indices (and, for stored views, the batch's view numbers),
+        on the index's device, as `dtype`."""
         rows = index.to(self.device)
+        if self.views is not None:
+            if view is None:
+                raise KdlabError(
+                    "The cached teacher outputs hold one row per stored view of each sample, but the batch "
+                    "says which view none of its images is. Serve training batches from the stored views "
+                    "(kdlab.data.replay.ReplayedViews, whose items carry 'view')."
+                )
+            rows = (rows, view.to(self.device))
 
         def take(table: Tensor) -> Tensor:
             return table[rows].to(index.device, dtype, non_blocking=True)
@@ -229,6 +247,59 @@ def compute(
         for name, value in out.feats.items():
             feats.setdefault(name, []).append(value.contiguous().half().cpu())
     return TeacherOutputs(torch.cat(logits), {name: torch.cat(chunks) for name, chunks in feats.items()})
+
+
+class _OneView(torch.utils.data.Dataset):
+    """View `view` of every image (kdlab.data.replay), for computing the teacher's outputs on it."""
+
+    def __init__(self, images: Tensor, pipeline: Any, params: Tensor, tail: Callable, view: int):
+        self.images, self.pipeline, self.params, self.tail, self.view = images, pipeline, params, tail, view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        row = self.params[index, self.view] if self.params.ndim == 3 else self.params[self.view]
+        return self.tail(self.pipeline.apply(self.images[index], row))
+
+
+@torch.no_grad()
+def compute_views(
+    forward: Callable[[Tensor], Outputs],
+    images: Tensor,
+    pipeline: Any,
+    params: Tensor,
+    tail: Callable[[Tensor], Tensor],
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
+) -> TeacherOutputs:
+    """The frozen teacher's outputs on every stored view of every image: fp16 tables [N, K, ...].
+
+    `params` are the views (kdlab.data.replay: [N, K, width], or [K, width] shared by every image);
+    each view is made exactly as ReplayedViews makes it for training, so the student and the stored
+    outputs see the same image.
+    """
+    count = params.shape[-2]
+    logits, feats = [], {}
+    progress = tqdm(total=count * len(images), desc="Caching teacher outputs on stored views", unit="img")
+    for view in range(count):
+        loader = torch.utils.data.DataLoader(
+            _OneView(images, pipeline, params, tail, view), batch_size=batch_size, num_workers=num_workers
+        )
+        view_logits, view_feats = [], {}
+        for x in loader:
+            out = forward(x.to(device, non_blocking=True))
+            view_logits.append(out.logits.half().cpu())
+            for name, value in out.feats.items():
+                view_feats.setdefault(name, []).append(value.contiguous().half().cpu())
+            progress.update(len(x))
+        logits.append(torch.cat(view_logits))
+        for name, chunks in view_feats.items():
+            feats.setdefault(name, []).append(torch.cat(chunks))
+    progress.close()
+    stacked = {name: torch.stack(per_view, dim=1) for name, per_view in feats.items()}
+    return TeacherOutputs(torch.stack(logits, dim=1), stacked, views=count)
 
 
 def load_or_build(

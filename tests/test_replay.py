@@ -140,3 +140,30 @@ def test_loader_workers_follow_the_epoch_the_sampler_is_given():
             int(i): int(v) for batch in loader for i, v in zip(batch["index"], batch["view"], strict=True)
         }
         assert seen == {i: (epoch + i) % 4 for i in range(len(dataset))}
+
+
+def test_the_teachers_stored_outputs_on_each_view_are_what_it_gives_live_on_the_replayed_image():
+    from kdlab.knowledge import KD
+    from kdlab.models import create_model
+    from kdlab.taps import FeatureTap, Outputs
+    from kdlab.teacher_cache import compute_views
+
+    images, pipeline, params, tail, dataset = stored_views(count=3)
+    torch.manual_seed(0)
+    teacher = FeatureTap(create_model("lightnn", num_classes=10, in_channels=1, input_size=28).eval())
+    stored = compute_views(teacher, images, pipeline, params, tail, torch.device("cpu"), batch_size=4)
+    assert stored.logits.shape == (6, 3, 10) and stored.logits.dtype == torch.float16 and stored.views == 3
+    kd = KD()
+    student = torch.randn(6, 10)
+    for epoch in (0, 1, 4):
+        dataset.set_epoch(epoch)
+        batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+        with torch.no_grad():
+            live = teacher(batch["input"]).logits
+        cached = stored.lookup(batch["index"], view=batch["view"]).logits
+        torch.testing.assert_close(cached, live, rtol=2e-3, atol=2e-3)  # fp16 storage
+        # The loss the student trains on agrees to fp16 tolerance too.
+        losses = [kd(Outputs(student), Outputs(t), {}) for t in (cached, live)]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=1e-4)
+    with pytest.raises(KdlabError, match="says which view none of its images is"):
+        stored.lookup(torch.arange(2))

@@ -113,7 +113,7 @@ class Offline(StudentScheme):
     @torch.no_grad()
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs:
         if self.teacher_outputs is not None and "index" in batch:
-            cached = self.teacher_outputs.lookup(batch["index"])
+            cached = self.teacher_outputs.lookup(batch["index"], view=batch.get("view"))
             # The live teacher stays reachable for losses that use its parts (its head: kdlab.heads).
             return Outputs(cached.logits, cached.feats, model=self.teacher)
         return self.teacher_forward(x)
