@@ -13,10 +13,17 @@ same number of batches after the same warm-up:
   (c) kdlab offline KD with the teacher-output cache (built once first; its time is shown apart);
   (d) hand-written student cross-entropy training alone;
   (e) kdlab online DML with the two models as peers, against the sum of their hand-written
-      cross-entropy steps.
+      cross-entropy steps;
+  (f) kdlab offline KD on augmented data (Fashion-MNIST's usual RandomCrop(28, padding=2) + flip),
+      the teacher served from the cache's stored views (`--views` per sample, built once first);
+  (g) hand-written student cross-entropy on the same augmented data, read through the same data
+      module's loader with the augmentation drawn live, as a PyTorch user's loop reads it.
+Also (f) against kdlab's live teacher on the same augmented data, and against the hand-written
+loop reading the stored views' loader; the build's seconds, and how many runs of K epochs it takes
+to pay for itself (`break_even_runs`).
 
-The hand-written loops read batches by slicing a shuffled, pre-normalised tensor, the cheapest
-data path there is; kdlab uses its own DataModule. kdlab runs with `logger=none`, no progress
+The hand-written loops (but g's) read batches by slicing a shuffled, pre-normalised tensor, the
+cheapest data path there is; kdlab uses its own DataModule. kdlab runs with `logger=none`, no progress
 bar, no checkpoints and no validation, so what is compared is the training step itself. The
 variants are interleaved `--repeats` times and each one's best kept, as `timeit` does: other load
 on the machine only slows a run down. Also shown: the teacher's forward in channels_last against the default
@@ -53,15 +60,20 @@ from kdlab.build import (  # noqa: E402
     scheme_class,
 )
 from kdlab.resume import teacher_identity  # noqa: E402
-from kdlab.teacher_cache import OUTPUTS, cache_callback, load_or_build  # noqa: E402
+from kdlab.teacher_cache import MARKER, cache_callback, load_or_build, plan  # noqa: E402
 from kdlab.teachers import TeacherStore  # noqa: E402
 
 GOALS = {"b/a": ("offline KD vs hand-written KD", ">=", 0.95), "c/d": ("cached KD vs student CE", ">=", 0.90)}
 GOALS["e/(ce_t+ce_s)"] = ("online DML vs the peers' CE steps", "<=", 1.05)
+GOALS["f/g"] = ("cached KD on stored views vs CE with live augmentation", ">=", 0.85)
 EXTRA_RATIOS = {
     "c/b": "speed-up of the cache",
     "channels_last": "teacher forward, channels_last vs contiguous",
+    "kdlab_baseline/d": "kdlab's own student CE vs hand-written",
+    "f/b_aug": "speed-up of stored views on augmented data",
+    "f/g_views": "cached KD vs CE, both reading the stored views",
 }
+AUGMENTED = ["data.train_transforms=null"]  # the dataset's usual augmentation
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -162,17 +174,25 @@ def kdlab_rate(args, datamodule, overrides: list[str], cached: bool = False) -> 
     return timer.rate
 
 
-def build_cache(args, datamodule) -> float:
-    """Build the cache entry (c) reads, once; returns the seconds it took (0 when it existed)."""
+def build_cache(args, datamodule, overrides: list[str] = ()) -> float:
+    """Build the cache entry a cached variant reads, once; returns the seconds it took (0 when it existed)."""
     start = time.perf_counter()
     cfg, sources, scheme = kdlab_scheme(
-        args, datamodule, ["teacher_cache.enabled=true", "trainer.limit_train_batches=1"]
+        args, datamodule, ["teacher_cache.enabled=true", "trainer.limit_train_batches=1", *overrides]
     )
     weights = teacher_identity(sources.frozen, sources.modules["teacher"], cfg.teacher.name)["sha256"]
-    entry = cache_callback(cfg, scheme, datamodule, weights, sources.frozen_config).entry
-    existed = (entry / OUTPUTS).exists()
-    load_or_build(entry, scheme.to(device(args)).teacher_forward, datamodule, device(args), args.batch_size)
+    cache = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
+    existed = (cache.entry / MARKER).exists()
+    forward = scheme.to(device(args)).teacher_forward
+    load_or_build(cache.entry, cache.layout, forward, datamodule, device(args), args.batch_size)
     return 0.0 if existed else time.perf_counter() - start
+
+
+def augmented_datamodule(args):
+    datamodule = instantiate(compose_cfg([*common_overrides(args), *AUGMENTED]).data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
 
 
 def device(args) -> torch.device:
@@ -243,6 +263,48 @@ def handwritten_ce(args, batches: Batches, cfg, role: str, seed: int) -> float:
     return timed(step, args)
 
 
+class LoaderBatches:
+    """Batches from a data module's training loader, in its order, moved to the device."""
+
+    def __init__(self, datamodule, dev: torch.device):
+        self.datamodule, self.dev = datamodule, dev
+        self.iterator = iter(())
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.iterator, None)
+        if batch is None:  # a new epoch
+            self.iterator = iter(self.datamodule.train_dataloader())
+            batch = next(self.iterator)
+        return batch["input"].to(self.dev, non_blocking=True), batch["target"].to(self.dev, non_blocking=True)
+
+
+def handwritten_ce_loader(args, datamodule, cfg) -> float:
+    """(d) read through a data module's loader: with live augmentation, the per-sample path."""
+    loader = LoaderBatches(datamodule, device(args))
+    model = seeded_model(cfg, "student", 1).to(device(args))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(i: int) -> None:
+        x, y = loader(i)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, args)
+
+
+def stored_views_datamodule(args, overrides: list[str]):
+    """An augmented data module that serves the stored views, as the cache's callback sets it up."""
+    datamodule = augmented_datamodule(args)
+    cfg, sources, scheme = kdlab_scheme(args, datamodule, ["teacher_cache.enabled=true", *overrides])
+    weights = teacher_identity(sources.frozen, sources.modules["teacher"], cfg.teacher.name)["sha256"]
+    cache = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
+    _, views = load_or_build(cache.entry, cache.layout, scheme.teacher_forward, datamodule, device(args), 1)
+    datamodule.serve_stored_views(views)
+    return datamodule
+
+
 def teacher_forward(args, batches: Batches, cfg, channels_last: bool) -> float:
     teacher = seeded_model(cfg, "teacher", 0).to(batches.x.device).eval().requires_grad_(False)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -279,6 +341,10 @@ def ratios(rates: dict[str, float]) -> dict[str, float]:
         "c/b": rates["c: kdlab KD, cached"] / rates["b: kdlab offline KD"],
         "e/(ce_t+ce_s)": peers_ce / rates["e: kdlab online DML"],
         "channels_last": rates["teacher fwd, channels_last"] / rates["teacher fwd, contiguous"],
+        "kdlab_baseline/d": rates["kdlab baseline (student CE)"] / rates["d: student CE (hand-written)"],
+        "f/g": rates["f: kdlab KD, stored views"] / rates["g: CE, live augmentation (hand-written)"],
+        "f/b_aug": rates["f: kdlab KD, stored views"] / rates["kdlab KD, augmented, live teacher"],
+        "f/g_views": rates["f: kdlab KD, stored views"] / rates["CE on stored views (hand-written)"],
     }
 
 
@@ -314,6 +380,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, help="Fashion-MNIST files (default: the usual search)")
     parser.add_argument("--val-size", type=int, default=5000, help="validation split, as data.val_size")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "kdlab" / "bench")
+    parser.add_argument("--views", type=int, default=2, help="stored views per sample for (f)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--only-a", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,6 +409,10 @@ def main() -> None:
     )
     build_seconds = build_cache(args, datamodule)
     print(f"teacher-output cache: built in {build_seconds:.1f} s" if build_seconds else "cache: entry reused")
+    views = [*AUGMENTED, f"teacher_cache.views={args.views}"]
+    live_augmented = augmented_datamodule(args)
+    views_build_seconds = build_cache(args, live_augmented, views)
+    served = stored_views_datamodule(args, views)
     variants = {
         "a: KD (hand-written)": lambda: handwritten_kd(args, batches, cfg),
         "b: kdlab offline KD": lambda: kdlab_rate(args, datamodule, ["teacher_cache.enabled=false"]),
@@ -354,14 +425,46 @@ def main() -> None:
         "e: kdlab online DML": lambda: kdlab_rate(args, datamodule, ["mode=online"]),
         "teacher fwd, contiguous": lambda: teacher_forward(args, batches, cfg, channels_last=False),
         "teacher fwd, channels_last": lambda: teacher_forward(args, batches, cfg, channels_last=True),
+        "f: kdlab KD, stored views": lambda: kdlab_rate(
+            args, served, ["teacher_cache.enabled=true", *views], cached=True
+        ),
+        "g: CE, live augmentation (hand-written)": lambda: handwritten_ce_loader(args, live_augmented, cfg),
+        "kdlab KD, augmented, live teacher": lambda: kdlab_rate(
+            args, live_augmented, [*AUGMENTED, "teacher_cache.enabled=false"]
+        ),
+        "CE on stored views (hand-written)": lambda: handwritten_ce_loader(args, served, cfg),
     }
     rates = best_rates(variants, args.repeats)
     figures = {"img_per_s": rates, "ratios": ratios(rates), "cache_build_s": build_seconds}
+    figures["stored_views"] = views_figures(
+        args, rates, views_build_seconds, len(live_augmented.train_set.dataset), len(live_augmented.train_set)
+    )
     if args.allocator:
         figures["allocator_a_img_per_s"] = allocator_ab(args)
     print_report(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def views_figures(
+    args, rates: dict[str, float], build_seconds: float, split: int, trained: int
+) -> dict[str, float]:
+    """The stored views' build, and after how many runs it has paid for itself.
+
+    A run of K epochs (one per stored view) saves, per image, the difference between the live
+    teacher's step and the cached one; the build costs one teacher pass per view. Break-even: the
+    build's seconds (over the whole split, `split` images per view) over one run's saving (K epochs
+    over the `trained` images of the training part).
+    """
+    saving_per_image = 1 / rates["kdlab KD, augmented, live teacher"] - 1 / rates["f: kdlab KD, stored views"]
+    per_run = saving_per_image * trained * args.views
+    return {
+        "views": args.views,
+        "build_s": build_seconds,
+        "build_img_per_s": split * args.views / build_seconds if build_seconds else float("nan"),
+        "saving_per_run_s": per_run,
+        "break_even_runs": build_seconds / per_run if per_run > 0 and build_seconds else float("nan"),
+    }
 
 
 def timed_best(run, repeats: int) -> float:
@@ -380,6 +483,14 @@ def print_report(figures: dict) -> None:
             met = value >= goal if op == ">=" else value <= goal
             target = f"{op} {goal:.2f} ({'met' if met else 'NOT met'})"
         print(f"| {name} | {what} | {value:.3f} | {target} |")
+    views = figures.get("stored_views")
+    if views:
+        print(
+            f"\nstored views (K={views['views']}): built in {views['build_s']:.1f} s "
+            f"({views['build_img_per_s']:,.0f} img/s); a run of K epochs saves "
+            f"{views['saving_per_run_s']:.1f} s; "
+            f"break-even after {views['break_even_runs']:.2f} runs"
+        )
     if "allocator_a_img_per_s" in figures:
         ab = figures["allocator_a_img_per_s"]
         print(

@@ -128,10 +128,23 @@ def test_bench_runs_and_reports_every_figure(tmp_path, small_fashion_mnist):  # 
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
-    assert len(figures["img_per_s"]) == 9 and all(rate > 0 for rate in figures["img_per_s"].values())
-    assert set(figures["ratios"]) == {"b/a", "c/d", "c/b", "e/(ce_t+ce_s)", "channels_last"}
+    assert len(figures["img_per_s"]) == 13 and all(rate > 0 for rate in figures["img_per_s"].values())
+    assert set(figures["ratios"]) == {
+        "b/a",
+        "c/d",
+        "c/b",
+        "e/(ce_t+ce_s)",
+        "channels_last",
+        "kdlab_baseline/d",
+        "f/g",
+        "f/b_aug",
+        "f/g_views",
+    }
     assert figures["cache_build_s"] > 0 and set(figures["allocator_a_img_per_s"]) == {"default", "tuned"}
+    views = figures["stored_views"]
+    assert views["views"] == 2 and views["build_s"] > 0 and views["build_img_per_s"] > 0
     assert "| b/a | offline KD vs hand-written KD |" in result.stdout
+    assert "| f/g | cached KD on stored views vs CE with live augmentation |" in result.stdout
 
 
 def test_compiled_teacher_gives_the_same_outputs_and_features(tmp_path):

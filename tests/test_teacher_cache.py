@@ -1,4 +1,4 @@
-"""Tests for the teacher-output cache (kdlab/teacher_cache.py) on a small copy of real Fashion-MNIST.
+"""Tests for the teacher-output cache (kdlab/teacher_cache/) on a small copy of real Fashion-MNIST.
 
 The copy (600 training and 100 test images of the real files, in the real IDX format) keeps a
 cache build to a second; the teacher is an untrained DeepNN saved as a checkpoint, which is all
@@ -21,7 +21,7 @@ from kdlab.models import create_model
 from kdlab.resume import teacher_identity
 from kdlab.run import train
 from kdlab.schemes import Offline
-from kdlab.teacher_cache import OUTPUTS, TeacherCache, cache_callback, compute, load_or_build, plan
+from kdlab.teacher_cache import MARKER, TeacherCache, cache_callback, load_or_build, plan
 from kdlab.teachers import TeacherRecord
 from tests.conftest import compose_config, fast_overrides
 from tests.test_data import write_idx
@@ -76,6 +76,15 @@ def setup(cfg):
     return datamodule, scheme, identity["sha256"]
 
 
+def built(cfg, datamodule, scheme, weights):
+    """The cache `cfg` plans, built (or read) the way a run's callback does: (plan, outputs, views)."""
+    cache = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
+    outputs, views = load_or_build(
+        cache.entry, cache.layout, scheme.teacher_forward, datamodule, torch.device("cpu"), 128
+    )
+    return cache, outputs, views
+
+
 def entry_of(cfg) -> Path | None:
     datamodule, scheme, weights = setup(cfg)
     return plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).entry
@@ -84,10 +93,13 @@ def entry_of(cfg) -> Path | None:
 def test_cached_and_uncached_losses_agree_to_fp16(tmp_path, small_fashion_mnist, teacher_file):
     # KD reads the logits, FitNets a feature map: both come from the cache.
     cfg = compose_config(overrides(tmp_path, small_fashion_mnist, teacher_file, "knowledge=[kd,fitnet]"))
-    datamodule, scheme, _ = setup(cfg)
-    outputs = compute(scheme.teacher_forward, datamodule, torch.device("cpu"), batch_size=128)
-    assert outputs.logits.dtype == torch.float16 and len(outputs.logits) == N_TRAIN
-    assert set(outputs.feats) == set(scheme.teacher_tap.layers) and outputs.feats
+    with open_dict(cfg):
+        cfg.teacher_cache.enabled = True
+    datamodule, scheme, weights = setup(cfg)
+    _, outputs, views = built(cfg, datamodule, scheme, weights)
+    logits = outputs.tables["logits"]
+    assert logits.dtype == torch.float16 and len(logits) == N_TRAIN and views is None
+    assert set(outputs.layers) == set(scheme.teacher_tap.layers) and outputs.layers
 
     batch = datamodule.train_set.dataset.__getitems__(list(range(0, 600, 7)))
     student = scheme.student_tap(batch["input"])
@@ -113,7 +125,7 @@ def test_a_run_serves_the_teacher_from_the_cache(tmp_path, small_fashion_mnist, 
     monkeypatch.setattr(Offline, "teacher_forward", spy)
     cfg = compose_config(overrides(tmp_path, small_fashion_mnist, teacher_file, "teacher_cache.enabled=true"))
     results = train(cfg)
-    entries = list((tmp_path / "cache").glob(f"*/{OUTPUTS}"))
+    entries = list((tmp_path / "cache").glob(f"*/{MARKER}"))
     assert len(entries) == 1
     # Training and validation batches came from the cache: the teacher ran only to build the
     # scheme (its dry forward) and the cache itself (600 samples in batches of 32).
@@ -171,58 +183,70 @@ def test_teacher_data_and_transform_changes_make_a_new_entry(tmp_path, small_fas
 
 
 def test_a_killed_build_leaves_nothing_that_is_used(tmp_path, small_fashion_mnist, teacher_file, monkeypatch):
+    import kdlab.teacher_cache.build as building
+
     cfg = compose_config(overrides(tmp_path, small_fashion_mnist, teacher_file, "teacher_cache.enabled=true"))
     datamodule, scheme, weights = setup(cfg)
-    entry = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).entry
+    cache = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
+    entry = cache.entry
+    real_outputs = building._outputs
 
-    real_save = torch.save
+    def killed_halfway(*args):  # the teacher's pass stops after its first batch
+        for i, item in enumerate(real_outputs(*args)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield item
 
-    def killed_while_writing(obj, path, *args, **kwargs):
-        Path(path).write_bytes(b"half a file")  # what a SIGKILL mid-write leaves behind
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", killed_while_writing)
+    monkeypatch.setattr(building, "_outputs", killed_halfway)
     with pytest.raises(KeyboardInterrupt):
-        load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
+        load_or_build(entry, cache.layout, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
     assert not entry.exists()  # an interrupted build leaves no entry at all
 
-    # A leftover temporary file from a SIGKILLed process is not mistaken for an entry, and is cleared.
+    # What a SIGKILL leaves (half-written tables under temporary names, no marker) is not mistaken
+    # for an entry, and is cleared before the build.
     entry.mkdir()
-    (entry / f".{OUTPUTS}.99999.tmp").write_bytes(b"half a file")
-    monkeypatch.setattr(torch, "save", real_save)
-    outputs = load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
-    assert len(outputs.logits) == N_TRAIN and not list(entry.glob(".*.tmp"))
+    (entry / ".logits.bin.99999.tmp").write_bytes(b"half a table")
+    (entry / "logits.bin").write_bytes(b"renamed, but no marker")
+    monkeypatch.setattr(building, "_outputs", real_outputs)
+    outputs, _ = load_or_build(
+        entry, cache.layout, scheme.teacher_forward, datamodule, torch.device("cpu"), 128
+    )
+    assert len(outputs.tables["logits"]) == N_TRAIN and not list(entry.glob(".*.tmp"))
     expected = scheme.teacher_forward(datamodule.train_set.dataset.__getitems__([3, 5])["input"]).logits
-    torch.testing.assert_close(outputs.logits[[3, 5]].float(), expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outputs.lookup(torch.tensor([3, 5])).logits, expected, rtol=2e-3, atol=2e-3)
 
 
 def test_a_damaged_entry_is_reported_with_what_to_do(tmp_path, small_fashion_mnist, teacher_file):
     cfg = compose_config(overrides(tmp_path, small_fashion_mnist, teacher_file, "teacher_cache.enabled=true"))
     datamodule, scheme, weights = setup(cfg)
-    entry = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).entry
-    entry.mkdir(parents=True)
-    (entry / OUTPUTS).write_bytes(b"not a torch file")
+    cache, _, _ = built(cfg, datamodule, scheme, weights)
+    with (cache.entry / "logits.bin").open("r+b") as file:
+        file.truncate(100)
+    with pytest.raises(KdlabError, match=r"cannot be read \(logits.bin holds 100 bytes.* Delete the folder"):
+        built(cfg, datamodule, scheme, weights)
+    (cache.entry / MARKER).write_text("not json")
     with pytest.raises(KdlabError, match=r"cannot be read .* Delete the folder .* and rerun"):
-        load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
-    # A readable file with the wrong contents: the same message, no KeyError traceback.
-    torch.save({"weights": torch.zeros(2)}, entry / OUTPUTS)
-    wrong_keys = r"holds \['weights'\], not the logits and feats .* Delete the folder"
-    with pytest.raises(KdlabError, match=wrong_keys):
-        load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
+        built(cfg, datamodule, scheme, weights)
 
 
-def test_augmentation_is_refused_with_the_reason(tmp_path, small_fashion_mnist, teacher_file, caplog):
-    augmented = [
-        o for o in overrides(tmp_path, small_fashion_mnist, teacher_file) if "train_transforms" not in o
+def test_unreplayable_augmentation_is_refused_naming_the_transform(
+    tmp_path, small_fashion_mnist, teacher_file, caplog
+):
+    rotated = [
+        *(o for o in overrides(tmp_path, small_fashion_mnist, teacher_file) if "train_transforms" not in o),
+        "data.train_transforms=[{_target_: torchvision.transforms.v2.RandomCrop, size: 28, padding: 2},"
+        "{_target_: torchvision.transforms.v2.RandomRotation, degrees: 10},"
+        "{_target_: torchvision.transforms.v2.ColorJitter, brightness: 0.2}]",
     ]
-    cfg = compose_config(augmented)
+    cfg = compose_config(rotated)
     datamodule, scheme, weights = setup(cfg)
     with caplog.at_level(logging.INFO, logger="kdlab.teacher_cache"):
         assert cache_callback(cfg, scheme, datamodule, weights, cfg.teacher) is None
-    assert "RandomCrop, RandomHorizontalFlip" in caplog.text and "data.train_transforms=[]" in caplog.text
+    [line] = [r.getMessage() for r in caplog.records if "not cached" in r.getMessage()]
+    assert "the training augmentation RandomRotation, ColorJitter cannot be stored and replayed" in line
     with open_dict(cfg):
         cfg.teacher_cache.enabled = True
-    with pytest.raises(KdlabError, match="augmented at random"):
+    with pytest.raises(KdlabError, match="teacher_cache.enabled=true, but .* RandomRotation, ColorJitter"):
         cache_callback(cfg, scheme, datamodule, weights, cfg.teacher)
 
 
@@ -234,11 +258,29 @@ def test_budget_and_cost_decide_what_auto_does(tmp_path, small_fashion_mnist, te
     datamodule, scheme, weights = setup(cfg)
     refused = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
     assert not refused.usable and "teacher_cache.max_bytes" in refused.reason
+    # Logits that fit, with features that do not: the features are left to the live teacher.
+    fitnet = compose_config(
+        overrides(
+            tmp_path,
+            small_fashion_mnist,
+            teacher_file,
+            "knowledge=[kd,fitnet]",
+            "teacher_cache.max_bytes=20000",
+            "teacher_cache.enabled=true",
+        )
+    )
+    _, fitnet_scheme, _ = setup(fitnet)
+    partial = plan(fitnet, fitnet.teacher, datamodule, weights, fitnet_scheme.teacher_tap)
+    assert partial.usable and partial.live_layers == tuple(fitnet_scheme.teacher_tap.layers)
+    assert partial.layout.feats == {}
 
     # A 4-batch run would not pay for a build over 600 samples, so auto leaves it unbuilt ...
     cfg = compose_config(overrides(tmp_path, small_fashion_mnist, teacher_file))
     short = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
     assert not short.usable and "teacher_cache.enabled=true" in short.reason
+    assert "the next run of this setting builds it" in short.reason
+    # ... but the same setting run again is taken as a sign of more to come: that run builds it.
+    assert plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).usable
     # ... two full epochs would ...
     full = compose_config(
         overrides(
@@ -251,9 +293,8 @@ def test_budget_and_cost_decide_what_auto_does(tmp_path, small_fashion_mnist, te
     )
     assert plan(full, full.teacher, datamodule, weights, scheme.teacher_tap).usable
     # ... and once the entry exists, even a short run uses it.
-    entry = plan(full, full.teacher, datamodule, weights, scheme.teacher_tap).entry
-    load_or_build(entry, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
-    assert plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).entry == entry
+    cache, _, _ = built(full, datamodule, scheme, weights)
+    assert plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).entry == cache.entry
 
     with open_dict(cfg):
         cfg.teacher_cache.enabled = "sometimes"
@@ -274,4 +315,4 @@ def test_the_callback_hands_the_outputs_to_the_scheme(tmp_path, small_fashion_mn
     trainer.datamodule = datamodule
     callback.on_fit_start(trainer, scheme)
     assert scheme.teacher_outputs is not None and scheme.cache_covers_validation
-    assert len(scheme.teacher_outputs.logits) == N_TRAIN
+    assert len(scheme.teacher_outputs.tables["logits"]) == N_TRAIN

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 from torchvision.transforms import v2
 
 from kdlab.data.datasets import IndexedDataset, TensorBatchDataset, collate
+from kdlab.data.replay import DecodedImages, ReplayedViews, ReplayPipeline
 from kdlab.data.split import resolve_val_count, split_indices
-from kdlab.data.transforms import as_transform_list, build_pipeline
+from kdlab.data.transforms import as_transform_list, build_pipeline, pipeline_ends
 from kdlab.errors import KdlabError
 
 _SHAPE_ARGS = ("num_classes", "in_channels", "input_size")
@@ -47,10 +48,6 @@ class EpochShuffle(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        # A dataset whose items depend on the epoch (stored views, kdlab.data.replay) follows it.
-        dataset = getattr(self.data_source, "dataset", self.data_source)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[int]:
         # The trailing 1 keeps this stream apart from EpochSeed's (kdlab.resume), seeded from (seed, epoch).
@@ -179,6 +176,45 @@ class ImageClassificationDataModule(LightningDataModule):
         Lightning calls it on `batch_sampler.sampler` every epoch, not on the batch sampler.
         """
         self.batch_sampler_factory = factory
+
+    def replay_pipeline(self) -> ReplayPipeline:
+        """The training augmentation as views drawn as parameters and replayed (kdlab.data.replay).
+
+        Raises KdlabError naming each transform that cannot be replayed.
+        """
+        return ReplayPipeline(self.augmentation)
+
+    def replay_images(self) -> torch.Tensor | DecodedImages:
+        """The training split's images before augmentation: one uint8 tensor when held in memory,
+        else decoded one at a time. Views are drawn for and made from these."""
+        if self.train_set is None:
+            self.prepare_data()
+            self.setup("fit")
+        images = getattr(self._train_samples, "tensors", (None,))[0]
+        if images is not None:
+            return images
+        head, _ = pipeline_ends(self.mean, self.std, self.decode)
+        return DecodedImages(self._train_samples, v2.Compose(head))
+
+    def stored_views(
+        self, pipeline: ReplayPipeline, params: torch.Tensor, spread: str, seed: int
+    ) -> ReplayedViews:
+        """The whole training split as the stored views `params` of `pipeline` (kdlab.data.replay)."""
+        _, tail = pipeline_ends(self.mean, self.std, self.decode)
+        targets = self.train_set.dataset.targets
+        return ReplayedViews(
+            self.replay_images(), targets, pipeline, params, v2.Compose(tail), spread, seed, self.views
+        )
+
+    def serve_stored_views(self, views: ReplayedViews) -> None:
+        """Serve training batches from `views` from now on, instead of augmenting live.
+
+        Whoever calls this sets `views.set_epoch` at the start of every training epoch (the
+        teacher-output cache's callback does): under DDP Lightning's sampler does not pass it on.
+        """
+        if self.train_set is None:
+            self.setup("fit")
+        self.train_set = Subset(views, self.train_set.indices)
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -323,6 +359,11 @@ class ImageClassificationDataModule(LightningDataModule):
         if shuffle:
             seed = run_seed()
             sampler = EpochShuffle(dataset, seed, self._fit_epoch())
+            # Workers fetch the first epoch's items as soon as the loader is iterated, before any
+            # epoch hook runs: a dataset whose items follow the epoch (stored views) starts there.
+            served = getattr(dataset, "dataset", dataset)
+            if hasattr(served, "set_epoch"):
+                served.set_epoch(self._fit_epoch())
             # The loader draws its workers' base seed from this, not from the global RNG, whose
             # stream belongs to the training step (see kdlab.resume.EpochSeed).
             generator = torch.Generator().manual_seed(seed)

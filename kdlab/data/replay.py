@@ -26,9 +26,10 @@ draw nothing (Resize, CenterCrop, Pad, ...) pass through. Anything else is refus
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -48,6 +49,8 @@ DETERMINISTIC = (
     v2.ToPureTensor,
     v2.Normalize,
 )
+# How ReplayedViews picks a sample's view each epoch (see there).
+SPREADS = ("cycle", "random")
 # At most this many views are listed by `choices` (a 28x28 RandomCrop with padding 4 and a flip: 162).
 MAX_CHOICES = 4096
 
@@ -81,6 +84,16 @@ class ReplayStep:
         """Every possible view's parameters, or None when there are too many (a continuous draw)."""
         return None
 
+    def draw_many(self, image: Tensor, count: int, generator: torch.Generator) -> Tensor | None:
+        """`count` views' parameters at once ([count, width]) for images shaped like `image`, from the
+        same distribution as `draw`; None when the step can only draw one at a time."""
+        return None
+
+    def apply_batch(self, images: Tensor, params: Tensor) -> Tensor:
+        """`apply` on each image of a batch [B, C, H, W] with its own row of `params` [B, width]."""
+        views = [self.apply(image, row.tolist()) for image, row in zip(images, params, strict=True)]
+        return torch.stack(views)
+
 
 class CropStep(ReplayStep):
     """v2.RandomCrop: the crop's (top, left); its size and padding are fixed by the transform."""
@@ -100,18 +113,39 @@ class CropStep(ReplayStep):
         template.update(top=int(params[0]), left=int(params[1]))
         return self.transform.transform(image, template)
 
-    def choices(self, image: Tensor) -> list[list[int]] | None:
+    def _positions(self, image: Tensor) -> tuple[int, int]:
+        """How many tops and lefts the crop can take on an image shaped like `image`."""
         template = self._template(image)
-        if not template["needs_crop"]:
-            return [[0, 0]]
         pad = template["padding"] if template["needs_pad"] else [0, 0, 0, 0]  # left, top, right, bottom
         height = image.shape[-2] + pad[1] + pad[3]
         width = image.shape[-1] + pad[0] + pad[2]
-        tops = range(height - template["height"] + 1)
-        lefts = range(width - template["width"] + 1)
-        if len(tops) * len(lefts) > MAX_CHOICES:
+        return height - template["height"] + 1, width - template["width"] + 1
+
+    def choices(self, image: Tensor) -> list[list[int]] | None:
+        tops, lefts = self._positions(image)
+        if tops * lefts > MAX_CHOICES:
             return None
-        return [[top, left] for top in tops for left in lefts]
+        return [[top, left] for top in range(tops) for left in range(lefts)]
+
+    def draw_many(self, image: Tensor, count: int, generator: torch.Generator) -> Tensor:
+        # make_params draws top and left uniformly over the positions; so do these.
+        tops, lefts = self._positions(image)
+        top = torch.randint(0, tops, (count,), generator=generator)
+        left = torch.randint(0, lefts, (count,), generator=generator)
+        return torch.stack([top, left], dim=1).int()
+
+    def apply_batch(self, images: Tensor, params: Tensor) -> Tensor:
+        # The transform's own padding on the whole batch (it is the same for every image), then
+        # each image's window by index: the slice F.crop takes when the window lies inside.
+        template = self._template(images[0])
+        if template["needs_pad"]:
+            images = self.transform.transform(images, {**template, "needs_crop": False})
+        if not template["needs_crop"]:
+            return images
+        rows = params[:, 0, None].long() + torch.arange(template["height"])
+        cols = params[:, 1, None].long() + torch.arange(template["width"])
+        batch = torch.arange(len(images))[:, None, None]
+        return images[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 class ResizedCropStep(ReplayStep):
@@ -143,6 +177,13 @@ class FlipStep(ReplayStep):
     def choices(self, image: Tensor) -> list[list[int]] | None:
         p = self.transform.p
         return [[0]] if p <= 0 else [[1]] if p >= 1 else [[0], [1]]
+
+    def draw_many(self, image: Tensor, count: int, generator: torch.Generator) -> Tensor:
+        return (torch.rand(count, 1, generator=generator) < self.transform.p).int()
+
+    def apply_batch(self, images: Tensor, params: Tensor) -> Tensor:
+        flipped = self.transform.transform(images, {})
+        return torch.where(params[:, 0].bool()[:, None, None, None], flipped, images)
 
 
 STEPS: dict[type, Callable[[v2.Transform], ReplayStep]] = {
@@ -215,6 +256,38 @@ class ReplayPipeline:
         """The view `params` of `image`: what the transforms made when they drew those parameters."""
         return self._walk(image, [int(p) for p in params], None)[0]
 
+    def apply_batch(self, images: Tensor, params: Tensor) -> Tensor:
+        """The views `params` ([B, width]) of a batch of same-sized images [B, C, H, W], each its own.
+
+        Equal, bit for bit, to `apply` on each image: deterministic steps act alike on every image of
+        a batch, and each random step replays each image's own parameters (`ReplayStep.apply_batch`).
+        """
+        offset = 0
+        for transform, step in zip(self.transforms, self.steps, strict=True):
+            if step is None:
+                images = transform(images)
+                continue
+            images = step.apply_batch(images, params[:, offset : offset + step.width])
+            offset += step.width
+        return images
+
+    def draw_many(self, image: Tensor, count: int, generator: torch.Generator) -> Tensor | None:
+        """`count` views' parameters ([count, width]) for images shaped like `image`, drawn a step at a
+        time for all of them at once; None when a step can only draw one view at a time."""
+        columns = []
+        for transform, step in zip(self.transforms, self.steps, strict=True):
+            if step is None:
+                image = transform(image)
+                continue
+            drawn = step.draw_many(image, count, generator)
+            if drawn is None:
+                return None
+            columns.append(drawn)
+            image = step.apply(image, drawn[0].tolist())  # the size the next step sees
+        if not columns:
+            return torch.zeros(count, 0, dtype=torch.int32)
+        return torch.cat(columns, dim=1).int()
+
     def choices(self, image: Tensor) -> Tensor | None:
         """Every view of `image` as rows of parameters, when there are at most MAX_CHOICES; else None.
 
@@ -249,62 +322,129 @@ def _flatten(transforms: Sequence[Callable]):
             yield transform
 
 
-def draw_views(pipeline: ReplayPipeline, images: Tensor, count: int, seed: int = 0) -> Tensor:
+def draw_views(
+    pipeline: ReplayPipeline, images: Tensor | Sequence[Tensor], count: int, seed: int = 0
+) -> Tensor:
     """`count` views of every image, as parameters: int32 [N, count, width].
 
-    The draw depends only on `seed` and the images' shapes (not on the run's seed), so every run of
+    `images` is a uint8 tensor [N, C, H, W] (one size: the views are drawn for all at once) or a
+    dataset of (image tensor, target) pairs (drawn one image at a time, for its own size).
+    The draw depends only on `seed` and the images' sizes (not on the run's seed), so every run of
     a sweep replays the same views and can share the teacher's outputs for them. Where the pipeline
     has a small finite set of views and `count` covers it, use `pipeline.choices` instead.
     """
     generator = torch.Generator().manual_seed(int(seed))
+    if isinstance(images, Tensor):
+        drawn = pipeline.draw_many(images[0], len(images) * count, generator)
+        if drawn is not None:
+            return drawn.reshape(len(images), count, pipeline.width)
     rows = torch.empty(len(images), count, pipeline.width, dtype=torch.int32)
-    for i, image in enumerate(images):
+    for i in range(len(images)):
+        image = images[i]
         for k in range(count):
             rows[i, k] = pipeline.draw(image, generator)
     return rows
 
 
+class DecodedImages:
+    """The images of a dataset of (image, target) pairs as tensors, decoded one at a time on demand."""
+
+    def __init__(self, samples: Dataset, decode: Callable[[Any], Tensor]):
+        self.samples, self.decode = samples, decode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.decode(self.samples[index][0])
+
+
 class ReplayedViews(Dataset):
-    """Training samples as stored views: in epoch e, sample i is its view (e + i) mod K.
+    """Training samples as stored views: in each epoch, each sample is one of its K stored views.
 
     `params` holds each sample's K views ([N, K, width]) or K views shared by every sample
-    ([K, width], e.g. all of a pipeline's finite views). Items are {"input", "target", "index",
-    "view"}: the view's image after `tail` (the dataset's float/normalise steps), and which view it
-    is, so the teacher's stored outputs for exactly that image can be looked up. Views cycle when a
-    run has more epochs than K; every run, whatever its seed, sees view (e + i) mod K of sample i.
-    The epoch lives in shared memory: loader workers see `set_epoch` (called by the sampler).
+    ([K, width]: all of a pipeline's finite views). Which view sample i gets in epoch e (`spread`):
+    - "cycle": view (e + i) mod K, so a run of K epochs shows each sample each of its views once,
+      and the views cycle when a run has more epochs than K;
+    - "random": a uniform draw from the K views, seeded by (`seed`, e): with all of a finite
+      pipeline's views stored, this is the distribution live augmentation draws from.
+    Neither depends on the run's seed: runs of a sweep see the same view of a sample in an epoch.
+
+    `images` is a uint8 tensor [N, C, H, W] (in memory: a batch is made at once, `__getitems__`)
+    or a sequence of image tensors (DecodedImages). Items are {"input", "target", "index", "view"}:
+    the view's image after `tail` (the dataset's float/normalise steps), and which view it is, so the
+    teacher's stored outputs for exactly that image can be looked up; `make` is the one place where
+    a view's input is made, for the student and for the teacher's stored outputs alike.
+    `extra_views` are other named transforms drawn live from the image (`input_<name>`, as
+    IndexedDataset has them). The epoch lives in shared memory, so loader workers see `set_epoch`.
     """
 
     def __init__(
         self,
-        images: Tensor,
+        images: Tensor | Sequence[Tensor],
         targets: Tensor,
         pipeline: ReplayPipeline,
         params: Tensor,
         tail: Callable[[Tensor], Tensor],
+        spread: str = "cycle",
+        seed: int = 0,
+        extra_views: Mapping[str, Callable] | None = None,
     ):
         if params.ndim not in (2, 3) or params.shape[-1] != pipeline.width:
             raise ValueError(
                 f"params must be [N, K, {pipeline.width}] or [K, {pipeline.width}], got {tuple(params.shape)}"
             )
-        if params.ndim == 3 and len(params) != len(images):
-            raise ValueError(f"{len(params)} rows of views for {len(images)} images")
+        if params.ndim == 3 and len(params) != len(targets):
+            raise ValueError(f"{len(params)} rows of views for {len(targets)} samples")
+        if spread not in SPREADS:
+            raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
         self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.int64)
         self.pipeline, self.params, self.tail = pipeline, params, tail
+        self.spread, self.seed = spread, int(seed)
+        self.extra_views = dict(extra_views or {})
         self.views = params.shape[-2]
         self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self._drawn: tuple[int, Tensor] | None = None  # ("random") this process's view table for an epoch
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.targets)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(int(epoch))
 
-    def view_of(self, index: int) -> int:
-        return (int(self.epoch) + int(index)) % self.views
+    def views_of(self, index: Tensor) -> Tensor:
+        """The view each sample of `index` (int64) gets in the current epoch."""
+        epoch = int(self.epoch)
+        if self.spread == "cycle":
+            return (index + epoch) % self.views
+        if self._drawn is None or self._drawn[0] != epoch:
+            state = np.random.SeedSequence([self.seed, epoch, 2]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(state))
+            self._drawn = (epoch, torch.randint(0, self.views, (len(self),), generator=generator))
+        return self._drawn[1][index]
+
+    def _rows(self, index: Tensor, views: Tensor) -> Tensor:
+        return self.params[index, views] if self.params.ndim == 3 else self.params[views]
+
+    def make(self, index: Tensor, views: Tensor) -> Tensor:
+        """The inputs [B, C, H, W] of samples `index` (int64 [B]) in views `views` (int64 [B])."""
+        rows = self._rows(index, views)
+        if isinstance(self.images, Tensor):
+            return self.tail(self.pipeline.apply_batch(self.images[index], rows))
+        made = [self.pipeline.apply(self.images[int(i)], row) for i, row in zip(index, rows, strict=True)]
+        return torch.stack([self.tail(image) for image in made])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        view = self.view_of(index)
-        row = self.params[index, view] if self.params.ndim == 3 else self.params[view]
-        image = self.tail(self.pipeline.apply(self.images[index], row))
-        return {"input": image, "target": int(self.targets[index]), "index": int(index), "view": view}
+        return {key: value[0] for key, value in self._batch([int(index)]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        return self._batch(indices)
+
+    def _batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        views = self.views_of(index)
+        batch = {"input": self.make(index, views), "target": self.targets[index], "index": index}
+        batch["view"] = views
+        for name, transform in self.extra_views.items():
+            batch[f"input_{name}"] = torch.stack([transform(self.images[int(i)]) for i in index])
+        return batch

@@ -24,9 +24,17 @@ def build_pipeline(
     tensors just as they do for the in-memory datasets, and ToPureTensor last, so batches
     collate to plain tensors.
     """
+    head, tail = pipeline_ends(mean, std, decode)
+    return v2.Compose([*head, *steps, *tail])
+
+
+def pipeline_ends(
+    mean: Sequence[float], std: Sequence[float], decode: bool = False
+) -> tuple[list[Callable], list[Callable]]:
+    """The steps every pipeline starts with (decoding) and ends with (float, normalise), apart."""
     head = [v2.ToImage()] if decode else []
-    tail = [v2.ToPureTensor()] if decode else []
-    return v2.Compose([*head, *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), *tail])
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return head, tail + ([v2.ToPureTensor()] if decode else [])
 
 
 def as_transform_list(

@@ -9,8 +9,9 @@ memory format by default (`teacher_channels_last`), which oneDNN and cuDNN run f
 of its own: `trainer.precision=bf16-mixed` autocasts the whole step, teacher included.
 
 With the teacher-output cache (kdlab.teacher_cache) attached, training batches take the
-teacher's outputs from it by sample index, and validation batches too where the train and eval
-transforms are the same; the teacher then runs only on the test set. On the test set the
+teacher's outputs from it by sample index (and, with augmentation, by the stored view the batch
+replays), and validation batches too where the train and eval transforms are the same; the
+teacher then runs only on the test set, and for features too large to store. On the test set the
 scheme also reports how well the student mimics the teacher: top-1 agreement and the mean
 KL(teacher || student) at T=1. Agreement is also tracked every validation epoch
 (`val/student/agreement`), so it can be followed over training.
@@ -114,8 +115,12 @@ class Offline(StudentScheme):
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs:
         if self.teacher_outputs is not None and "index" in batch:
             cached = self.teacher_outputs.lookup(batch["index"], view=batch.get("view"))
+            feats = cached.feats
+            if self.teacher_outputs.live_layers:  # features over the cache's budget: the teacher runs
+                live = self.teacher_forward(x).feats
+                feats = {**feats, **{layer: live[layer] for layer in self.teacher_outputs.live_layers}}
             # The live teacher stays reachable for losses that use its parts (its head: kdlab.heads).
-            return Outputs(cached.logits, cached.feats, model=self.teacher)
+            return Outputs(cached.logits, feats, model=self.teacher)
         return self.teacher_forward(x)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

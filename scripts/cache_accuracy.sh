@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# What stored views cost in accuracy: offline KD on real Fashion-MNIST with its usual augmentation
+# (RandomCrop(28, padding=2) + horizontal flip), the teacher run live against the teacher-output
+# cache's stored views (K = the 5 planned epochs, and K = 2), with every logit (fp16) and with the
+# top-3 and the tail's mass (FKD's storage); the student trained alone as the reference. 3 seeds each,
+# the same budget. Writes OUT/summary.md (mean ± std over the seeds).
+#
+#   bash scripts/cache_accuracy.sh [OUT] [extra overrides for every run...]
+#
+# Runs already finished in OUT are skipped, so an interrupted run of this script resumes.
+set -euo pipefail
+OUT=$(realpath -m "${1:-results/cache_accuracy}")
+shift || true
+PYTHON=${PYTHON:-python}
+# The pair: the tutorial's DeepNN teacher, trained for 3 full epochs, and LightNN, whose short
+# budget (5 epochs of 100 batches) leaves room for the teacher to help.
+COMMON=(
+  model@teacher=deepnn model@student=lightnn
+  trainer.max_epochs=5 trainer.limit_train_batches=100
+  teacher_training.trainer.max_epochs=3 ++teacher_training.trainer.limit_train_batches=1.0
+  "paths.teacher_store=$OUT/store" logger=csv trainer.enable_progress_bar=false
+)
+$PYTHON -m kdlab.run -m mode=baseline seed=1,2,3 "hydra.sweep.dir=$OUT/runs/baseline" "${COMMON[@]}" "$@"
+$PYTHON -m kdlab.run -m knowledge=kd teacher_cache.enabled=false seed=1,2,3 \
+  "hydra.sweep.dir=$OUT/runs/live" "${COMMON[@]}" "$@"
+$PYTHON -m kdlab.run -m knowledge=kd teacher_cache.enabled=true teacher_cache.views=5,2 \
+  teacher_cache.logits=fp16,topk teacher_cache.topk=3 seed=1,2,3 \
+  "hydra.sweep.dir=$OUT/runs/stored" "${COMMON[@]}" "$@"
+$PYTHON "$(dirname "$0")/summarize.py" "$OUT/runs" --out "$OUT/summary"
