@@ -249,8 +249,9 @@ def handwritten_kd(args, batches: Batches, cfg) -> float:
     return timed(step, args)
 
 
-def handwritten_ce(args, batches: Batches, cfg, role: str, seed: int) -> float:
-    model = seeded_model(cfg, role, seed).to(batches.x.device)
+def handwritten_ce(args, batches, cfg, role: str, seed: int) -> float:
+    """Cross-entropy training of `role`'s model on `batches` (Batches, or LoaderBatches: g's data path)."""
+    model = seeded_model(cfg, role, seed).to(device(args))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(i: int) -> None:
@@ -264,7 +265,8 @@ def handwritten_ce(args, batches: Batches, cfg, role: str, seed: int) -> float:
 
 
 class LoaderBatches:
-    """Batches from a data module's training loader, in its order, moved to the device."""
+    """Batches from a data module's training loader, in its order, moved to the device: (g)'s data path,
+    the per-sample one with live augmentation."""
 
     def __init__(self, datamodule, dev: torch.device):
         self.datamodule, self.dev = datamodule, dev
@@ -276,22 +278,6 @@ class LoaderBatches:
             self.iterator = iter(self.datamodule.train_dataloader())
             batch = next(self.iterator)
         return batch["input"].to(self.dev, non_blocking=True), batch["target"].to(self.dev, non_blocking=True)
-
-
-def handwritten_ce_loader(args, datamodule, cfg) -> float:
-    """(d) read through a data module's loader: with live augmentation, the per-sample path."""
-    loader = LoaderBatches(datamodule, device(args))
-    model = seeded_model(cfg, "student", 1).to(device(args))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step(i: int) -> None:
-        x, y = loader(i)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return timed(step, args)
 
 
 def stored_views_datamodule(args, overrides: list[str]):
@@ -428,11 +414,15 @@ def main() -> None:
         "f: kdlab KD, stored views": lambda: kdlab_rate(
             args, served, ["teacher_cache.enabled=true", *views], cached=True
         ),
-        "g: CE, live augmentation (hand-written)": lambda: handwritten_ce_loader(args, live_augmented, cfg),
+        "g: CE, live augmentation (hand-written)": lambda: handwritten_ce(
+            args, LoaderBatches(live_augmented, device(args)), cfg, "student", 1
+        ),
         "kdlab KD, augmented, live teacher": lambda: kdlab_rate(
             args, live_augmented, [*AUGMENTED, "teacher_cache.enabled=false"]
         ),
-        "CE on stored views (hand-written)": lambda: handwritten_ce_loader(args, served, cfg),
+        "CE on stored views (hand-written)": lambda: handwritten_ce(
+            args, LoaderBatches(served, device(args)), cfg, "student", 1
+        ),
     }
     rates = best_rates(variants, args.repeats)
     figures = {"img_per_s": rates, "ratios": ratios(rates), "cache_build_s": build_seconds}

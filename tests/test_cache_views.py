@@ -372,3 +372,62 @@ def test_the_sampler_lightning_uses_under_ddp_still_gets_each_epochs_views():
         callback.on_train_epoch_start(Trainer, None)
         for batch in loader:
             assert torch.equal(batch["view"], (batch["index"] + epoch) % 3)
+
+
+def test_the_accuracy_script_runs_every_arm_and_writes_its_table(tmp_path, small_fashion_mnist):
+    """scripts/cache_accuracy.sh (the README's table) on the small data, one seed, a tiny budget."""
+    tiny = [
+        f"data.root={small_fashion_mnist}",
+        "data.val_size=100",
+        "data.batch_size=32",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "++teacher_training.trainer.limit_train_batches=2",
+        "trainer.enable_model_summary=false",
+    ]
+    env = {**os.environ, "PYTHON": sys.executable, "SEEDS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "cache_accuracy.sh"), str(out), *tiny],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (out / "summary.md").read_text()
+    # The baseline, the live teacher and the four stored-view arms: one row each.
+    rows = [[cell.strip() for cell in row.strip("|").split("|")] for row in table.splitlines()[2:]]
+    arms = {tuple(row[1:4]) for row in rows}
+    assert rows[0][0] == "baseline (student alone)" and ("False", "default", "default") in arms
+    assert {("True", views, storage) for views in ("5", "2") for storage in ("fp16", "topk")} <= arms
+    assert len(rows) == 6 and all(row[-1] == "1" for row in rows)  # one seed each
+    entries = [p for p in (out / "store" / "outputs").iterdir() if p.is_dir()]
+    assert len(entries) == 4  # K x storage; the seeds and the live arm add none
+
+
+def test_image_folder_views_are_drawn_per_image_size_and_replayed_from_the_files(tmp_path):
+    """ImageFolder (files of many sizes, RandomResizedCrop + flip): each image's own views, replayed."""
+    from kdlab.data import ImageFolderDataModule
+    from tests.test_data import write_imagefolder
+
+    datamodule = ImageFolderDataModule(
+        root=str(write_imagefolder(tmp_path / "tree")), num_classes=3, input_size=16, val_size=2
+    )
+    datamodule.setup("fit")
+    pipeline = datamodule.replay_pipeline()
+    images = datamodule.replay_images()
+    params = draw_views(pipeline, images, 3, seed=0)
+    assert params.shape == (12, 3, 5) and pipeline.choices(images[0]) is None
+    views = datamodule.stored_views(pipeline, params, "cycle", 0)
+    normalise = v2.Normalize(datamodule.mean, datamodule.std)
+    for i in (0, 5, 11):
+        top, left, height, width, flip = params[i, 1].tolist()
+        assert 0 < height <= images[i].shape[-2] and 0 < width <= images[i].shape[-1]
+        made = v2.functional.resized_crop(images[i], top, left, height, width, [16, 16], antialias=True)
+        made = made.flip(-1) if flip else made
+        expected = normalise(v2.functional.to_dtype(made, torch.float32, scale=True))
+        replayed = views.make(torch.tensor([i]), torch.tensor([1]))[0]
+        assert torch.equal(replayed, expected)
