@@ -431,3 +431,25 @@ def test_image_folder_views_are_drawn_per_image_size_and_replayed_from_the_files
         expected = normalise(v2.functional.to_dtype(made, torch.float32, scale=True))
         replayed = views.make(torch.tensor([i]), torch.tensor([1]))[0]
         assert torch.equal(replayed, expected)
+
+
+def test_the_sweep_a_job_belongs_to_is_counted_from_its_multirun_record(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from kdlab.teacher_cache import sweep_jobs
+
+    assert sweep_jobs() == 1  # outside Hydra
+    record = {
+        "hydra": {"overrides": {"task": ["knowledge=kd,dkd,dist", "seed=range(1,4)", "trainer.max_epochs=2"]}}
+    }
+    OmegaConf.save(OmegaConf.create(record), tmp_path / "multirun.yaml")
+    hydra = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path)}}})
+    instance = HydraConfig.instance()
+    before = instance.cfg
+    try:
+        instance.cfg = hydra
+        assert sweep_jobs() == 9  # 3 methods x 3 seeds
+    finally:
+        instance.cfg = before
