@@ -221,7 +221,8 @@ def test_ddp_spawn_on_two_cpu_processes_matches_one_process(tmp_path, fashion_mn
     # The teacher was trained once, in the main process before any worker started, and whole.
     log = (run_dir / "run.log").read_text()
     assert log.count("No stored teacher") == 1 and metrics["teacher"]["source"] == "trained"
-    [entry] = [p for p in (tmp_path / "teachers").iterdir() if p.is_dir()]
+    # The store may also hold the teacher-output cache's folder (outputs/).
+    [entry] = [p for p in (tmp_path / "teachers").iterdir() if p.is_dir() and p.name != "outputs"]
     assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "teacher.pt", "train_log"]
 
     # The logged test metrics are over both ranks' images: a single-process evaluation of the saved
@@ -325,7 +326,8 @@ def test_slurm_tasks_started_at_once_train_the_teacher_once(tmp_path, fashion_mn
     both = "".join(outputs)
     assert both.count("No stored teacher") == 1
     assert both.count("Teacher deepnn: trained") == 1 and both.count("Teacher deepnn: store") == 1
-    [entry] = [p for p in (tmp_path / "teachers").iterdir() if p.is_dir()]
+    # The store may also hold the teacher-output cache's folder (outputs/).
+    [entry] = [p for p in (tmp_path / "teachers").iterdir() if p.is_dir() and p.name != "outputs"]
     # Whole files only; the training log exists when rank 0 won the lock (loggers write on rank 0).
     names = {p.name for p in entry.iterdir()}
     assert {"meta.json", "teacher.pt"} <= names <= {"meta.json", "teacher.pt", "train_log"}

@@ -279,8 +279,13 @@ def test_budget_and_cost_decide_what_auto_does(tmp_path, small_fashion_mnist, te
     short = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
     assert not short.usable and "teacher_cache.enabled=true" in short.reason
     assert "the next run of this setting builds it" in short.reason
-    # ... but the same setting run again is taken as a sign of more to come: that run builds it.
-    assert plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).usable
+    # ... the same run resumed in place is still that run, and does not build it either ...
+    assert not plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap).usable
+    # ... but another run of the same setting is taken as a sign of more to come: that run builds it.
+    again = compose_config(
+        [*overrides(tmp_path, small_fashion_mnist, teacher_file), f"paths.output_dir={tmp_path / 'again'}"]
+    )
+    assert plan(again, again.teacher, datamodule, weights, scheme.teacher_tap).usable
     # ... two full epochs would ...
     full = compose_config(
         overrides(

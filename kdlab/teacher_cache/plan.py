@@ -15,8 +15,9 @@
   the knowledge's hyper-parameters or the split: all runs that would read the same numbers share
   one entry.
 - **When auto builds** a missing entry: when the teacher passes it saves in this run, times the
-  jobs of the Hydra sweep this run belongs to, pay for building it; or when a run has asked for the
-  same entry before (the second run of a setting builds it, so later ones never run the teacher).
+  jobs of the Hydra sweep this run belongs to, pay for building it; or when another run (another
+  run directory) asked for the same entry before: the second run of a setting builds it, so later
+  ones never run the teacher. A run resumed in place is still the first.
 """
 
 from __future__ import annotations
@@ -226,11 +227,16 @@ def _not_worth_building(cfg: DictConfig, datamodule: Any, layout: EntryLayout, e
     # Validation is served from the cache only when it is transformed as training is.
     saved = planned_teacher_samples(cfg.trainer, datamodule, validation=layout.views is None)
     jobs = sweep_jobs()
+    # The run directories that asked for this entry: a run resumed in place is the same run, so it
+    # does not count as a second one (and trains as its first part did).
     asked = entry.with_name(entry.name + ".asked")
-    if build <= saved * jobs or asked.exists():
+    this_run = str(Path(cfg.paths.output_dir).resolve())
+    before = set(asked.read_text().splitlines()) if asked.exists() else set()
+    if build <= saved * jobs or before - {this_run}:
         return None
     asked.parent.mkdir(parents=True, exist_ok=True)
-    asked.touch()
+    with asked.open("a") as ledger:
+        ledger.write(this_run + "\n")
     by = f"this run and its sweep ({jobs} jobs)" if jobs > 1 else "this run"
     return (
         f"building it takes the teacher over {build} images ({views} view(s) of "
