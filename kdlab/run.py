@@ -32,6 +32,7 @@ from kdlab.build import (
     scheme_class,
 )
 from kdlab.cli import command_line
+from kdlab.cuda_probe import drop_failing_nvml_probe
 from kdlab.errors import KdlabError
 from kdlab.knowledge import views_of
 from kdlab.loggers import build_loggers, finish_loggers
@@ -66,6 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     if cfg.get("tune_malloc"):
         tune_malloc()
+    drop_failing_nvml_probe()
     output_dir = Path(cfg.paths.output_dir)
     if notice := finished_run(cfg, output_dir):
         print(notice)

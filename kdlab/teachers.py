@@ -3,7 +3,8 @@
 Offline distillation needs a trained teacher. Given `teacher.checkpoint=PATH` kdlab loads
 it; otherwise it trains one with the baseline scheme and keeps it here, keyed by a hash of
 the teacher's model config, the data config, the optimizer and scheduler, the Trainer
-arguments that change the result, and the seed. A second run, and every job of a sweep,
+arguments that change the result, and the teacher's own seed (`teacher_training.seed`, not the
+run's: runs that differ only in `seed` share a teacher). A second run, and every job of a sweep,
 then reuses it. A file lock makes concurrent jobs wait for one training instead of
 repeating it, and files are written to a temporary name and renamed, so a run killed
 while storing a teacher leaves nothing that a later run would mistake for a teacher.
@@ -82,7 +83,7 @@ def teacher_spec(cfg: DictConfig) -> dict[str, Any]:
         ),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         "trainer": {name: trainer.get(name) for name in TRAINING_ARGS},
-        "seed": cfg.seed,
+        "seed": cfg.teacher_training.seed,
     }
 
 
@@ -212,7 +213,7 @@ def train_teacher(
     configured knowledge (a Born-Again generation). `name` labels its metrics.
     """
     log.info("No stored %s for this configuration: training %s first (%s)", name, cfg.teacher.name, entry)
-    L.seed_everything(cfg.seed + seed_offset, workers=True)
+    L.seed_everything(cfg.teacher_training.seed + seed_offset, workers=True)
     model = build_model(cfg.teacher, checkpoint=None)
     # Through the one scheme builder: the baseline scheme alone, or offline KD from `source`.
     if source is None:

@@ -21,7 +21,7 @@ def test_key_changes_with_what_determines_the_teacher(tmp_path):
     base = content_key(spec_for(tmp_path))
     for override in (
         "model@teacher=resnet8",
-        "seed=1",
+        "teacher_training.seed=1",
         "optimizer.lr=0.01",
         "trainer.max_epochs=3",
         "teacher_training.trainer.max_epochs=5",
@@ -35,6 +35,7 @@ def test_key_ignores_what_does_not(tmp_path):
     base = content_key(spec_for(tmp_path))
     for override in (
         "knowledge.kd.temperature=1",
+        "seed=1",  # the run's seed varies the student; the teacher has its own (teacher_training.seed)
         "model@student=resnet8",
         "data.num_workers=2",
         "data.root=/elsewhere",

@@ -101,6 +101,51 @@ def resolve_task_weight(task_weight: float | None, terms: list[Knowledge]) -> fl
     return recipes.pop() if len(recipes) == 1 else 1.0
 
 
+class StepTerms:
+    """One epoch's training terms and total, a row per step on the device, read back only when folded.
+
+    A step writes its row with one `torch.stack` into a preallocated buffer: no host sync, and one
+    small tensor op where a running sum and a device-side finiteness flag took eight (each costs
+    microseconds of Python and dispatch on every step). `fold` (at the loggers' cadence and the
+    epoch's end) waits for the device: it adds the pending rows to the epoch's sum, or returns the
+    first one whose total (the last column) is not finite.
+    """
+
+    def __init__(self, keys: tuple[str, ...], device: torch.device, capacity: int = 64):
+        self.keys = keys
+        self.names = [*(f"train/{key}" for key in keys), "train/loss"]
+        self.rows = torch.empty(capacity, len(self.names), device=device)
+        self.row_views = self.rows.unbind()  # made once: indexing a row is a tensor op too
+        self.steps: list[int] = []  # the global step of each pending row
+        self.sum = torch.zeros(len(self.names), device=device)
+        self.count = 0  # the steps in `sum`
+
+    def add(self, values: list[Tensor], step: int) -> Tensor:
+        """Write a step's values (detached, float32, total last) as the next row; return the row."""
+        if len(self.steps) == len(self.row_views):  # more steps between folds than rows: grow
+            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
+            self.row_views = self.rows.unbind()
+        row = self.row_views[len(self.steps)]
+        torch.stack(values, out=row)
+        self.steps.append(step)
+        return row
+
+    def fold(self) -> tuple[int, Tensor] | None:
+        """Add the pending rows to the sum; or, if one's total is not finite, the first such (step, row)."""
+        pending = self.rows[: len(self.steps)]
+        finite = torch.isfinite(pending[:, -1])
+        if not bool(finite.all()):
+            first = int((~finite).int().argmax())
+            return self.steps[first], pending[first]
+        self.sum += pending.sum(dim=0)
+        self.count += len(self.steps)
+        self.steps.clear()
+        return None
+
+    def means(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+
 class Scheme(L.LightningModule):
     """Base of all schemes.
 
@@ -155,23 +200,15 @@ class Scheme(L.LightningModule):
         self.example_input_array = torch.zeros(2, *input_shape)
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
-        # This epoch's training terms: (names, running sum, [step count]); see log_terms.
-        self._epoch_terms: tuple[list[str], Tensor, list[int]] | None = None
-        # The first step whose loss was not finite (-1: none yet) and its terms; kept on the device
-        # and read only at the loggers' cadence and at epoch ends (see check_finite).
-        self._bad_step: Tensor | None = None
-        self._bad_terms: Tensor | None = None
+        # This epoch's training terms, a row per step on the device; see log_terms and check_finite.
+        self._step_terms: StepTerms | None = None
 
     def loss_context(self) -> LossContext:
         """The run's state as the knowledge terms are given it (epoch 0 before training starts)."""
-        if self._trainer is None:
+        trainer = self._trainer  # read once: this runs every step
+        if trainer is None:
             return LossContext(num_samples=self.num_samples)
-        return LossContext(
-            num_samples=self.num_samples,
-            epoch=self.current_epoch,
-            max_epochs=self.trainer.max_epochs,
-            step=self.global_step,
-        )
+        return LossContext(self.num_samples, trainer.current_epoch, trainer.max_epochs, trainer.global_step)
 
     # ------------------------------------------------------------ what subclasses provide
     def trained_models(self) -> dict[str, nn.Module]:
@@ -214,21 +251,21 @@ class Scheme(L.LightningModule):
                 f"{role}.num_classes=${{data.num_classes}}), or load a checkpoint trained on this data."
             )
 
-    def loss_to_backpropagate(self, total: Tensor, task: Tensor) -> Tensor:
+    def loss_to_backpropagate(self, total: Tensor, task: Tensor | Callable[[], Tensor]) -> Tensor:
         """What Lightning backpropagates: the total, or with DOT (kdlab.optim) the task part only.
 
         DOT keeps a momentum of its own for the distillation gradient, so that gradient is taken
         here (the distillation part is total - task) and handed to the optimizer; `p.grad` then
-        holds the task gradient alone when the optimizer steps.
+        holds the task gradient alone when the optimizer steps. `task` may be a function that
+        computes the task part: only DOT needs it, so other runs skip its tensor op every step.
         """
         optimizer = self._dot_optimizer()
+        if optimizer is None:
+            return total
+        task = task() if callable(task) else task
         distill = total - task
         # No distillation term counts (none configured, or all weighted 0, e.g. AB's main fit): plain SGD.
-        if (
-            optimizer is None
-            or not distill.requires_grad
-            or not any(t.weight for t in self.knowledge_terms())
-        ):
+        if not distill.requires_grad or not any(t.weight for t in self.knowledge_terms()):
             return total
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # Lightning divides the loss it backpropagates by the accumulation count; the same here.
@@ -291,62 +328,52 @@ class Scheme(L.LightningModule):
 
     # ---------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
-        self._epoch_terms = None  # a fresh sum (a resumed epoch averages its own steps)
+        self._step_terms = None  # a fresh sum (a resumed epoch averages its own steps)
 
     def log_terms(self, terms: Mapping[str, Tensor], loss: Tensor) -> None:
         """Each unweighted term on its own (train/<name>) and the weighted total (train/loss).
 
         The loggers get `<name>_step` and `<name>_epoch`, and trainer.callback_metrics holds
-        `<name>`, the epoch value, once the epoch ends. Each `self.log` call costs Python time on
-        every step (about a tenth of a small student's step, once its teacher's outputs are cached),
-        so the step values are logged only on the steps the loggers write (every
-        trainer.log_every_n_steps; the progress bar's loss updates as often), and the epoch values
-        are a running sum on the device, logged once when the epoch ends (the mean over its steps).
-        Under DDP they are averaged over processes then (sync_dist): one all-reduce per epoch.
+        `<name>`, the epoch value, once the epoch ends. A `self.log` call costs a few hundred
+        microseconds of Python, so the step values are logged only on the steps the loggers write
+        (every trainer.log_every_n_steps; the progress bar's loss updates as often), and from the host:
+        Lightning reads the progress bar's value with `.item()` on every step until the next log, which
+        for a device tensor would wait for the GPU every step. Every step adds its values to the epoch's
+        rows on the device (StepTerms: one tensor op, no host sync); their mean is logged once when the
+        epoch ends, averaged over processes under DDP (sync_dist: one all-reduce per epoch).
         """
-        values = {f"train/{name}": value.detach() for name, value in terms.items()}
-        values["train/loss"] = loss.detach()
-        stacked = torch.stack([value.float() for value in values.values()])
-        if self._epoch_terms is None or self._epoch_terms[0] != list(values):
-            self._epoch_terms = (list(values), torch.zeros_like(stacked), [0])
-        self._epoch_terms[1].add_(stacked)
-        self._epoch_terms[2][0] += 1
-        self._note_nonfinite(stacked)
-        if self._trainer is None:  # called outside a fit (e.g. a test's training_step): nothing to log to
-            return
+        keys = tuple(terms)
+        values = [value.detach().float() for value in terms.values()]
+        values.append(loss.detach().float())
+        epoch = self._step_terms
+        if epoch is None or epoch.keys != keys or epoch.rows.device != loss.device:
+            self.check_finite()  # the steps so far, before other terms (or another device) start afresh
+            epoch = self._step_terms = StepTerms(keys, loss.device)
+        trainer = self._trainer  # None outside a fit (e.g. a test's training_step): nothing to log to
+        step = trainer.global_step if trainer is not None else 0
+        row = epoch.add(values, step)
         # The steps the loggers write: Lightning's condition, (batches that stepped + 1) % n.
-        if (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
-            for name, value in values.items():
+        if trainer is not None and (step + 1) % max(trainer.log_every_n_steps, 1) == 0:
+            for name, value in zip(epoch.names, row.cpu(), strict=True):
                 self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=name == "train/loss")
 
     def on_train_epoch_end(self) -> None:
         # Before the monitoring callbacks (checkpoints, early stopping) read the epoch's metrics, so
         # an epoch with a non-finite loss saves no checkpoint.
         self.check_finite()
-        if self._epoch_terms is None:
+        if self._step_terms is None:
             return
-        names, sums, (steps,) = self._epoch_terms
-        self._epoch_terms = None
+        terms, self._step_terms = self._step_terms, None
         sync = world_size() > 1
-        for name, value in zip(names, sums / max(steps, 1), strict=True):
+        for name, value in zip(terms.names, terms.means(), strict=True):
             bar = name == "train/loss"
             self.log(f"{name}_epoch", value, on_step=False, on_epoch=True, prog_bar=bar, sync_dist=sync)
             self.log(name, value, on_step=False, on_epoch=True, logger=False, sync_dist=sync)
 
-    def _note_nonfinite(self, stacked: Tensor) -> None:
-        """Remember the first step whose loss (the last entry) is not finite, without a host sync."""
-        if self._bad_step is None or self._bad_step.device != stacked.device:
-            self._bad_step = torch.full((), -1, dtype=torch.long, device=stacked.device)
-            self._bad_terms = torch.zeros_like(stacked)
-        first = ~torch.isfinite(stacked[-1]) & (self._bad_step < 0)
-        step = self.global_step if self._trainer is not None else 0
-        self._bad_step = torch.where(first, step, self._bad_step)
-        if self._bad_terms.shape == stacked.shape:
-            self._bad_terms = torch.where(first, stacked, self._bad_terms)
-
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # At the loggers' cadence only: reading the flag waits for the device.
-        if (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+        # At the loggers' cadence only: reading the steps' values waits for the device.
+        trainer = self.trainer
+        if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             self.check_finite()
 
     def on_train_end(self) -> None:
@@ -354,19 +381,19 @@ class Scheme(L.LightningModule):
 
     def check_finite(self) -> None:
         """Stop with a clear error if any step so far had a NaN or infinite loss."""
-        if self._bad_step is None or int(self._bad_step) < 0:
+        bad = self._step_terms.fold() if self._step_terms is not None else None
+        if bad is None:
             return
-        names = list(self._epoch_terms[0]) if self._epoch_terms else []
+        step, row = bad
         values = ", ".join(
             f"{name.removeprefix('train/')}={float(v):.4g}"
-            for name, v in zip(names, self._bad_terms, strict=False)
+            for name, v in zip(self._step_terms.names, row, strict=True)
         )
-        step, loss = int(self._bad_step), float(self._bad_terms[-1])
         raise KdlabError(
-            f"The training loss became {loss} at step {step} (epoch {self.current_epoch}; terms at that "
-            f"step: {values or 'unknown'}), so training stopped. Checkpoints saved before it are kept in the "
-            "run directory; a teacher being trained is not stored. Lower the learning rate (optimizer.lr), "
-            "lower the weight of the term that diverged (knowledge.<name>.weight), or check the data."
+            f"The training loss became {float(row[-1])} at step {step} (epoch {self.current_epoch}; terms at "
+            f"that step: {values}), so training stopped. Checkpoints saved before it are kept in the run "
+            "directory; a teacher being trained is not stored. Lower the learning rate (optimizer.lr), lower "
+            "the weight of the term that diverged (knowledge.<name>.weight), or check the data."
         )
 
     # -------------------------------------------------------------------- evaluation

@@ -92,6 +92,7 @@ def plan(
             )
         log.info("Teacher outputs are not cached: %s", reason)
         return CachePlan(None, reason)
+    layout.views = _views(cfg, datamodule, layout)
     live = _fit_features(layout, datamodule.train_split_size, float(options.max_bytes))
     spec = _key(architecture, datamodule, weights, layout)
     name = str(architecture.get("name", "teacher")).replace("/", "_")
@@ -117,34 +118,18 @@ def _codec(options: DictConfig) -> tuple[str, int]:
 
 
 def _refusal(cfg: DictConfig, datamodule: Any, layout: EntryLayout) -> str | None:
-    """Why the cache cannot give exactly the outputs the teacher would; else None, with `layout.views` set."""
-    samples = datamodule.train_split_size
+    """Why the cache cannot give exactly the outputs the teacher would, or cannot hold them; else None."""
+    random = datamodule.train_transform_is_random
+    if random and (refused := unreplayable(datamodule.augmentation)):
+        return (
+            f"the training augmentation {', '.join(refused)} cannot be stored and replayed, so the "
+            "teacher would have to see each new view live; use replayable augmentation (RandomCrop, "
+            "RandomResizedCrop, flips) or data.train_transforms=[]."
+        )
+    one_view = layout.bytes_per_view(with_feats=False) * datamodule.train_split_size
     budget = float(cfg.teacher_cache.max_bytes)
-    per_view = layout.bytes_per_view(with_feats=False)
-    if datamodule.train_transform_is_random:
-        refused = unreplayable(datamodule.augmentation)
-        if refused:
-            return (
-                f"the training augmentation {', '.join(refused)} cannot be stored and replayed, so the "
-                "teacher would have to see each new view live; use replayable augmentation (RandomCrop, "
-                "RandomResizedCrop, flips) or data.train_transforms=[]."
-            )
-        pipeline = datamodule.replay_pipeline()
-        layout.views = _views(cfg, datamodule, pipeline)
-        if layout.views.count * per_view * samples > budget:
-            fitting = int(budget // (per_view * samples))
-            if fitting < 1:
-                return _over_budget(per_view * samples, budget, "one view of the logits")
-            log.info(
-                "Teacher outputs: %d views would exceed teacher_cache.max_bytes=%.3g; storing %d per sample "
-                "(they cycle over the epochs).",
-                layout.views.count,
-                budget,
-                fitting,
-            )
-            layout.views = ViewPlan(pipeline, fitting, "drawn", layout.views.seed)
-    elif per_view * samples > budget:
-        return _over_budget(per_view * samples, budget, "the logits")
+    if one_view > budget:
+        return _over_budget(one_view, budget, "one view of the logits" if random else "the logits")
     return None
 
 
@@ -155,8 +140,29 @@ def _over_budget(needed: float, budget: float, what: str) -> str:
     )
 
 
-def _views(cfg: DictConfig, datamodule: Any, pipeline: Any) -> ViewPlan:
-    """How many views to store, and which (see the module docstring)."""
+def _views(cfg: DictConfig, datamodule: Any, layout: EntryLayout) -> ViewPlan | None:
+    """The views to store (see the module docstring), as many as fit the byte budget; None without
+    augmentation."""
+    if not datamodule.train_transform_is_random:
+        return None
+    pipeline = datamodule.replay_pipeline()
+    wanted = _wanted_views(cfg, datamodule, pipeline)
+    budget = float(cfg.teacher_cache.max_bytes)
+    fitting = int(budget // (layout.bytes_per_view(with_feats=False) * datamodule.train_split_size))
+    if wanted.count <= fitting:
+        return wanted
+    log.info(
+        "Teacher outputs: %d views would exceed teacher_cache.max_bytes=%.3g; storing %d per sample "
+        "(they cycle over the epochs).",
+        wanted.count,
+        budget,
+        fitting,
+    )
+    return ViewPlan(pipeline, fitting, "drawn", wanted.seed)
+
+
+def _wanted_views(cfg: DictConfig, datamodule: Any, pipeline: Any) -> ViewPlan:
+    """The views `teacher_cache.views` asks for, before the budget."""
     options = cfg.teacher_cache
     setting, seed = options.get("views", "auto"), int(options.get("view_seed", 0))
     images = datamodule.replay_images()
@@ -245,35 +251,34 @@ def _not_worth_building(cfg: DictConfig, datamodule: Any, layout: EntryLayout, e
     )
 
 
-def planned_epochs(trainer: DictConfig, datamodule: Any) -> int:
-    """How many training epochs the run is planned for (from max_epochs, else max_steps)."""
-    epochs = trainer.get("max_epochs")
-    if epochs not in (None, -1):
-        return int(epochs)
-    steps = trainer.get("max_steps") or -1
+def planned_batches(trainer: DictConfig, datamodule: Any) -> tuple[int, float]:
+    """Training batches per epoch, and in the whole run (max_epochs or max_steps, whichever ends it
+    first; Lightning's default of 1000 epochs when neither is set; infinite for max_epochs=-1)."""
+    limit = trainer.get("limit_train_batches")
+    per_epoch = max(limited_batches(len(datamodule.train_set), datamodule.batch_size, limit), 1)
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps") or -1
+    if epochs is None and steps <= 0:
+        epochs = 1000
+    total = per_epoch * epochs if epochs not in (None, -1) else math.inf
     if steps > 0:
-        batches = limited_batches(
-            len(datamodule.train_set), datamodule.batch_size, trainer.get("limit_train_batches")
-        )
-        return max(1, math.ceil(steps * int(trainer.get("accumulate_grad_batches") or 1) / max(batches, 1)))
-    return 1000  # Lightning's default max_epochs
+        total = min(total, steps * int(trainer.get("accumulate_grad_batches") or 1))
+    return per_epoch, total
+
+
+def planned_epochs(trainer: DictConfig, datamodule: Any) -> int:
+    """How many training epochs the run is planned for (1000 when it is not bounded)."""
+    per_epoch, total = planned_batches(trainer, datamodule)
+    return 1000 if math.isinf(total) else max(1, math.ceil(total / per_epoch))
 
 
 def planned_teacher_samples(trainer: DictConfig, datamodule: Any, validation: bool = True) -> float:
     """How many samples the teacher would see in this run uncached: training (and validation) batches."""
-    epochs = trainer.get("max_epochs")
-    train_batches = limited_batches(
-        len(datamodule.train_set), datamodule.batch_size, trainer.get("limit_train_batches")
-    )
-    total = train_batches * epochs if epochs not in (None, -1) else math.inf
-    steps = trainer.get("max_steps") or -1
-    if steps > 0:
-        total = min(total, steps * int(trainer.get("accumulate_grad_batches") or 1))
+    per_epoch, total = planned_batches(trainer, datamodule)
     if validation:
         val_batches = limited_batches(
             len(datamodule.val_set), datamodule.batch_size, trainer.get("limit_val_batches")
         )
-        total += val_batches * total / max(train_batches, 1)
+        total += val_batches * total / per_epoch
     return total * datamodule.batch_size
 
 
