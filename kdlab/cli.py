@@ -44,7 +44,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig
 
 from kdlab.errors import KdlabError
-from kdlab.resume import finished_run
+from kdlab.resume import finished_run, resumes_in_place
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 # Hydra flags that compose nothing, or print and exit while their arguments are parsed.
@@ -97,8 +97,8 @@ def preflight(
 
 
 def _finished(cfg: DictConfig) -> str | None:
-    """What to say when `ckpt_path=last` asks to resume a run that has finished (kdlab.resume)."""
-    if str(cfg.get("ckpt_path")) != "last":
+    """What to say when `ckpt_path=last` (or auto) asks to resume a run that has finished (kdlab.resume)."""
+    if not resumes_in_place(cfg):
         return None
     try:
         run_dir = Path(cfg.hydra.run.dir)

@@ -74,16 +74,25 @@ HPC_PATTERN = "hpc_ckpt_*.ckpt"  # Lightning's SLURM checkpoints, in the Trainer
 
 
 # ------------------------------------------------------------------ a run that has finished
+# ckpt_path values that continue the run in its own directory: `last` requires a checkpoint there;
+# `auto` starts afresh without one, so rerunning a sweep's command finishes only what is missing.
+IN_PLACE = ("last", "auto")
+
+
+def resumes_in_place(cfg: DictConfig) -> bool:
+    return str(cfg.get("ckpt_path")) in IN_PLACE
+
+
 def finished_run(cfg: DictConfig, run_dir: Path) -> str | None:
-    """If `ckpt_path=last` asks to resume the run in `run_dir` and that run has finished, what to
-    tell the user; else None.
+    """If `ckpt_path=last` (or auto) asks to resume the run in `run_dir` and that run has finished,
+    what to tell the user; else None.
 
     Finished: it wrote metrics.json, and its newest checkpoint has reached the configured
     trainer.max_epochs (or max_steps). Such a run is left exactly as it is: resuming it would rerun
     the test and rewrite its results from a fit that trains nothing. A larger max_epochs resumes it.
     """
     metrics = run_dir / "metrics.json"
-    if str(cfg.get("ckpt_path")) != "last" or not metrics.is_file():
+    if not resumes_in_place(cfg) or not metrics.is_file():
         return None
     # The default checkpoint folder: this is also asked before Hydra runs, when `callbacks.*.dirpath`
     # (under the run directory) cannot be resolved yet.
@@ -129,10 +138,12 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> ResumePoint | None:
         found = newest_checkpoint(cfg, output_dir) if SLURMEnvironment.detect() else None
         if found is None:
             return None
-    elif str(requested) == "last":
+    elif str(requested) in IN_PLACE:
         found = newest_checkpoint(cfg, output_dir)
         if found is None and (output_dir / STAGES_DIR).is_dir():
             return None  # stopped in a stage before the main fit: the stages resume themselves
+        if found is None and str(requested) == "auto":
+            return None  # nothing to resume: a fresh start
         if found is None:
             raise KdlabError(
                 f"ckpt_path=last found no checkpoint to resume in the run directory {output_dir}: it "

@@ -34,7 +34,7 @@ from torch import Tensor
 from kdlab.build import build_trainer
 from kdlab.errors import KdlabError
 from kdlab.knowledge import Knowledge, Stage
-from kdlab.resume import STAGES_DIR, ResumePoint, check_teacher, read_record
+from kdlab.resume import STAGES_DIR, ResumePoint, check_teacher, read_record, resumes_in_place
 from kdlab.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def run_stages(
     reported. `callbacks` go to each stage's trainer (the run's per-epoch seeding and record), and
     a stage taken up again from its last.ckpt must have been trained with the same `teacher`.
     """
-    continuing = str(cfg.get("ckpt_path")) == "last"
+    continuing = resumes_in_place(cfg)
     results = []
     for term_name, template in scheme.templates.items():
         if not template.stages():

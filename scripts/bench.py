@@ -64,13 +64,13 @@ from kdlab.resume import teacher_identity  # noqa: E402
 from kdlab.teacher_cache import MARKER, cache_callback, load_or_build, plan  # noqa: E402
 from kdlab.teachers import TeacherStore  # noqa: E402
 
-GOALS = {"b/a": ("offline KD vs hand-written KD", ">=", 0.95), "c/d": ("cached KD vs student CE", ">=", 0.90)}
+GOALS = {"b/a": ("offline KD vs hand-written KD", ">=", 0.95), "c/d": ("cached KD vs student CE", ">=", 0.95)}
+GOALS["kdlab_baseline/d"] = ("kdlab's own student CE vs hand-written", ">=", 0.95)
 GOALS["e/(ce_t+ce_s)"] = ("online DML vs the peers' CE steps", "<=", 1.05)
 GOALS["f/g"] = ("cached KD on stored views vs CE with live augmentation", ">=", 0.85)
 EXTRA_RATIOS = {
     "c/b": "speed-up of the cache",
     "channels_last": "teacher forward, channels_last vs contiguous",
-    "kdlab_baseline/d": "kdlab's own student CE vs hand-written",
     "f/b_aug": "speed-up of stored views on augmented data",
     "f/g_views": "cached KD vs CE, both reading the stored views",
 }

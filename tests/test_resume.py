@@ -221,13 +221,16 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, fashion_mnist, teacher_store):
     args = [*cli_overrides(tmp_path, teacher_store=teacher_store), NO_PLOTS]
-    assert run_main(args, cwd=tmp_path).returncode == 0
+    # ckpt_path=auto in a directory with no checkpoint: a fresh run.
+    first = run_main([*args, "ckpt_path=auto"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
     run_dir = tmp_path / "run"
     before = file_digests(run_dir)
-    again = run_main([*args, "ckpt_path=last"], cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "has already finished" in again.stdout and str(run_dir / "metrics.json") in again.stdout
-    assert file_digests(run_dir) == before  # metrics.json, the CSV, .hydra/ and run.log included
+    for resume in ("ckpt_path=last", "ckpt_path=auto"):  # auto: how a sweep's rerun skips its finished jobs
+        again = run_main([*args, resume], cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "has already finished" in again.stdout and str(run_dir / "metrics.json") in again.stdout
+        assert file_digests(run_dir) == before  # metrics.json, the CSV, .hydra/ and run.log included
     # The same from Python (no command line to check first): the results come back, untouched.
     cfg = compose_config([*fast_overrides(tmp_path, teacher_store=teacher_store), "ckpt_path=last"])
     results = train(cfg)

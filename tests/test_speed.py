@@ -1,5 +1,5 @@
 """Tests for the speed paths: batched fetch and precomputed inputs, the channels_last teacher,
-glibc malloc tuning, and that scripts/bench.py runs and reports every figure.
+glibc malloc tuning, the NVML probe, and that scripts/bench.py runs and reports every figure.
 
 These check that each fast path gives the same numbers as the plain one; how fast they are is
 measured by scripts/bench.py, never asserted here.
@@ -8,6 +8,7 @@ measured by scripts/bench.py, never asserted here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab import allocator
+from kdlab import allocator, cuda_probe
 from kdlab.build import build_knowledge, build_model, build_scheme, instantiate
 from kdlab.data import FashionMNISTDataModule
 from kdlab.data.datasets import IndexedDataset, TensorBatchDataset
@@ -106,7 +107,7 @@ def _copy(cfg, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_malloc_tuning_applies_on_glibc_unless_the_user_chose(monkeypatch):
-    for name in [n for n in __import__("os").environ if n.startswith("MALLOC_")]:
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
         monkeypatch.delenv(name)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     if allocator.glibc() is None:
@@ -118,6 +119,25 @@ def test_malloc_tuning_applies_on_glibc_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX_")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert allocator.tune_malloc() is False
+
+
+def test_nvml_probe_is_dropped_only_where_nvml_cannot_load(monkeypatch):
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setenv(cuda_probe.VARIABLE, "1")
+    monkeypatch.setattr(cuda_probe.ctypes, "CDLL", missing)
+    assert cuda_probe.drop_failing_nvml_probe() is True
+    assert cuda_probe.VARIABLE not in os.environ
+    assert torch.cuda.is_available() in (True, False)  # torch's own check still answers
+    # Where NVML loads (a GPU machine), or the variable is not set, nothing changes.
+    monkeypatch.setenv(cuda_probe.VARIABLE, "1")
+    monkeypatch.setattr(cuda_probe.ctypes, "CDLL", lambda name: object())
+    assert cuda_probe.drop_failing_nvml_probe() is False
+    assert os.environ[cuda_probe.VARIABLE] == "1"
+    monkeypatch.delenv(cuda_probe.VARIABLE)
+    assert cuda_probe.drop_failing_nvml_probe() is False
 
 
 def test_bench_runs_and_reports_every_figure(tmp_path, small_fashion_mnist):  # noqa: F811

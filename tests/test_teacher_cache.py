@@ -216,6 +216,30 @@ def test_a_killed_build_leaves_nothing_that_is_used(tmp_path, small_fashion_mnis
     torch.testing.assert_close(outputs.lookup(torch.tensor([3, 5])).logits, expected, rtol=2e-3, atol=2e-3)
 
 
+def test_a_full_disk_stops_the_build_with_what_to_do(
+    tmp_path, small_fashion_mnist, teacher_file, monkeypatch
+):
+    """The tables' space is reserved before the teacher runs: a full disk is a clear error, not a SIGBUS
+    when a write into the mapped file finds no block, and the half-made entry is removed."""
+    import errno
+    import os
+
+    cfg = compose_config(overrides(tmp_path, small_fashion_mnist, teacher_file, "teacher_cache.enabled=true"))
+    datamodule, scheme, weights = setup(cfg)
+    cache = plan(cfg, cfg.teacher, datamodule, weights, scheme.teacher_tap)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(
+        KdlabError,
+        match=r"needs [\d.,]+ MB more .*\(teacher_cache.dir=<folder>\).*\(teacher_cache.enabled=false\)",
+    ):
+        load_or_build(cache.entry, cache.layout, scheme.teacher_forward, datamodule, torch.device("cpu"), 128)
+    assert not cache.entry.exists() or not any(cache.entry.iterdir())
+
+
 def test_a_damaged_entry_is_reported_with_what_to_do(tmp_path, small_fashion_mnist, teacher_file):
     cfg = compose_config(overrides(tmp_path, small_fashion_mnist, teacher_file, "teacher_cache.enabled=true"))
     datamodule, scheme, weights = setup(cfg)

@@ -20,8 +20,10 @@ whole); without, [N, ...].
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,8 +160,12 @@ class TableWriter:
         count = 1
         for size in shape:
             count *= int(size)
-        with open(tmp, "wb") as file:  # made here, not by from_file, so it gets the usual permissions
-            file.truncate(count * dtype.itemsize)
+        try:
+            with open(tmp, "wb") as file:  # made here, not by from_file, so it gets the usual permissions
+                reserve(file, count * dtype.itemsize, self.entry)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         table = torch.from_file(str(tmp), shared=True, size=count, dtype=dtype).view(*shape)
         self.tables[name] = table
         self.layout[name] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
@@ -176,6 +182,26 @@ class TableWriter:
     def _tmp(self, name: str) -> Path:
         # The ".*.tmp" pattern kdlab.store.build_once removes after a killed build.
         return self.entry / f".{name}.bin.{os.getpid()}.tmp"
+
+
+def reserve(file: Any, size: int, entry: Path) -> None:
+    """Give `file` `size` bytes of disk now. A sparse file would fail later, when a write into the
+    mapped table finds the disk full, and that kills the process with SIGBUS and no message."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(file.fileno(), 0, size)
+        else:  # no fallocate (macOS, Windows): a sparse file, as before
+            file.truncate(size)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(entry).free
+        raise KdlabError(
+            f"The teacher-output cache needs {size / 1e6:,.1f} MB more for a table in {entry}, and the disk "
+            f"has {free / 1e6:,.1f} MB free. Free some space, put the cache elsewhere "
+            "(teacher_cache.dir=<folder>), store fewer or smaller views (teacher_cache.views=<K>, "
+            "teacher_cache.logits=topk), or train without it (teacher_cache.enabled=false)."
+        ) from error
 
 
 def read_entry(entry: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
