@@ -11,24 +11,26 @@
 # PYTHON (default python), SEEDS (default 1,2,3) and TEACHER (a teacher's weights file, instead of
 # training one) may be set in the environment.
 #
-# Runs already finished in OUT are skipped, so an interrupted run of this script resumes.
+# Every run is started with ckpt_path=auto: rerunning the script skips the runs already finished in
+# OUT and resumes an interrupted one from its checkpoint.
 set -euo pipefail
 OUT=$(realpath -m "${1:-results/cache_accuracy}")
 shift || true
 PYTHON=${PYTHON:-python}
 SEEDS=${SEEDS:-1,2,3}
 # The pair: the tutorial's DeepNN teacher, trained for 3 full epochs, and LightNN, whose short
-# budget (5 epochs of 100 batches) leaves room for the teacher to help. One teacher for every run
-# (the store keys teachers by the run's seed too): trained first, alone, unless TEACHER names one.
+# budget (5 epochs of 100 batches) leaves room for the teacher to help. One teacher for every run:
+# trained first, alone, unless TEACHER names one.
 if [ -z "${TEACHER:-}" ]; then
   $PYTHON -m kdlab.run mode=baseline model@student=deepnn seed=0 trainer.max_epochs=3 \
-    trainer.limit_train_batches=1.0 logger=csv trainer.enable_progress_bar=false "hydra.run.dir=$OUT/teacher" "$@"
+    trainer.limit_train_batches=1.0 logger=csv trainer.enable_progress_bar=false "hydra.run.dir=$OUT/teacher" \
+    ckpt_path=auto "$@"
   TEACHER="$OUT/teacher/student.pt"
 fi
 COMMON=(
   model@teacher=deepnn model@student=lightnn "teacher.checkpoint=$TEACHER"
   trainer.max_epochs=5 trainer.limit_train_batches=100
-  "paths.teacher_store=$OUT/store" logger=csv trainer.enable_progress_bar=false
+  "paths.teacher_store=$OUT/store" logger=csv trainer.enable_progress_bar=false ckpt_path=auto
 )
 $PYTHON -m kdlab.run -m mode=baseline seed=$SEEDS "hydra.sweep.dir=$OUT/runs/baseline" "${COMMON[@]}" "$@"
 $PYTHON -m kdlab.run -m knowledge=kd teacher_cache.enabled=false seed=$SEEDS \

@@ -50,6 +50,10 @@ def fast_overrides(tmp_path: Path, batches: int = 3, teacher_store: Path | None 
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "data.batch_size=32",
+        # The teacher-output cache is its own tests' subject (tests/test_teacher_cache.py and
+        # tests/test_cache_views.py, which turn it back on). Elsewhere a session's many runs of one
+        # setting would each be "a later run" that builds a whole-split entry (minutes, gigabytes).
+        "teacher_cache.enabled=false",
     ]
 
 

@@ -11,7 +11,7 @@ from kdlab.teachers import WEIGHTS, TeacherStore
 from tests.conftest import NO_PLOTS, cli_overrides, run_main
 
 # The reported case: a learning rate that blows the teacher up within five steps, fewer than the
-# loggers' cadence (log_every_n_steps=10), where the check used to run.
+# loggers' cadence (trainer.log_every_n_steps, Lightning's 50), where the check used to run.
 DIVERGING = ["optimizer.lr=1e6", "trainer.max_epochs=1", "trainer.limit_train_batches=5"]
 
 

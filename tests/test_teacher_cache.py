@@ -54,6 +54,7 @@ def teacher_file(tmp_path_factory) -> Path:
 def overrides(tmp_path: Path, data_root: Path, teacher: Path, *extra: str) -> list[str]:
     return [
         *fast_overrides(tmp_path, batches=4),
+        "teacher_cache.enabled=auto",  # the default, which fast_overrides turns off for other tests
         f"data.root={data_root}",
         "data.val_size=100",
         "data.train_transforms=[]",
