@@ -8,7 +8,11 @@ the runs, leaving out the seed and settings that only change where or how a run 
 Each row gives the student's test top-1 and its agreement with the teacher as mean ± sample
 standard deviation over the configuration's runs, and n. Runs with `mode=baseline` form
 their own labelled rows: the student alone, the reference a distillation table is read
-against. The table is printed and written to PREFIX.md and PREFIX.csv (default: DIR/summary).
+against. Every other row's gain in top-1 over its baseline (the baseline row with the same
+settings, apart from the distillation ones) comes with a 95% confidence interval: Welch's t
+interval for a difference of two means with unequal variances (Welch 1947), which needs at
+least two runs on each side. The table is printed and written to PREFIX.md and PREFIX.csv
+(default: DIR/summary).
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
+
+from scipy import stats
 
 from kdlab.errors import KdlabError
 from kdlab.sweeps import FAILED_FILE, METRICS_FILE, override_dict, read_overrides, varying_keys
@@ -44,6 +51,8 @@ BASELINE = "baseline (student alone)"
 NOT_APPLICABLE = "-"
 DEFAULT = "default"
 MEASURES = {"student top-1": "test/student/top1", "agreement": "test/student/agreement"}
+GAIN = "student top-1"  # the measure whose gain over the baseline is given
+GAIN_FIELDS = ("gain", "gain ci95 low", "gain ci95 high")
 
 
 def collect(root: Path) -> tuple[list[dict], list[Path]]:
@@ -105,8 +114,39 @@ def table(runs: list[dict], keys: list[str]) -> list[dict]:
             values = [run["metrics"][metric] for run in members if run["metrics"].get(metric) is not None]
             row[f"{name} mean"] = statistics.mean(values) if values else None
             row[f"{name} std"] = statistics.stdev(values) if len(values) > 1 else None
+        metric = MEASURES[GAIN]
+        row["_values"] = [run["metrics"][metric] for run in members if metric in run["metrics"]]
         rows.append(row)
+    add_gains(rows, keys)
+    for row in rows:
+        del row["_values"]
     return rows
+
+
+def add_gains(rows: list[dict], keys: list[str]) -> None:
+    """Each distillation row's gain over its baseline row, with Welch's 95% interval (None where unknown)."""
+    shared = [key for key in keys if not key.startswith(NOT_FOR_BASELINE)]
+    baselines = {tuple(row[key] for key in shared): row for row in rows if row["method"] == BASELINE}
+    for row in rows:
+        baseline = baselines.get(tuple(row[key] for key in shared))
+        gain = None
+        if row["method"] != BASELINE and baseline is not None:
+            gain = welch_interval(row["_values"], baseline["_values"])
+        row.update(zip(GAIN_FIELDS, gain or (None, None, None), strict=True))
+
+
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float] | None:
+    """mean(a) - mean(b) and its `level` confidence interval by Welch's t (None with under 2 runs a side)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.mean(a) - statistics.mean(b)
+    if va + vb == 0:
+        return diff, diff, diff
+    # Welch-Satterthwaite degrees of freedom (a side with zero variance adds nothing to them).
+    df = (va + vb) ** 2 / sum(v**2 / (len(x) - 1) for v, x in ((va, a), (vb, b)) if v > 0)
+    half = stats.t.ppf(0.5 + level / 2, df) * math.sqrt(va + vb)
+    return diff, diff - half, diff + half
 
 
 def _row_order(item: tuple) -> tuple:
@@ -123,12 +163,23 @@ def _number_first(value: str) -> tuple:
 
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
-    header = ["method", *keys, *MEASURES, "n"]
+    header = ["method", *keys, *MEASURES, "gain in top-1 (95% CI)", "n"]
     cells = [
-        [row["method"], *(row[key] for key in keys), *(_mean_std(row, m) for m in MEASURES), str(row["n"])]
+        [
+            row["method"],
+            *(row[key] for key in keys),
+            *(_mean_std(row, m) for m in MEASURES),
+            _gain(row),
+            str(row["n"]),
+        ]
         for row in rows
     ]
     return markdown_table(header, cells)
+
+
+def _gain(row: dict) -> str:
+    gain, low, high = (row[field] for field in GAIN_FIELDS)
+    return NOT_APPLICABLE if gain is None else f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _mean_std(row: dict, measure: str) -> str:
@@ -139,7 +190,7 @@ def _mean_std(row: dict, measure: str) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
-    fields = ["method", *keys, *(f"{m} {s}" for m in MEASURES for s in ("mean", "std")), "n"]
+    fields = ["method", *keys, *(f"{m} {s}" for m in MEASURES for s in ("mean", "std")), *GAIN_FIELDS, "n"]
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()

@@ -91,7 +91,7 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     ]
     assert list(rows[0]) == [
         "method", "knowledge.kd.temperature", "student top-1 mean", "student top-1 std",
-        "agreement mean", "agreement std", "n",
+        "agreement mean", "agreement std", "gain", "gain ci95 low", "gain ci95 high", "n",
     ]  # fmt: skip
     for row, (mode, temperature) in zip(
         rows, [("baseline", None), ("offline", "2"), ("offline", "10")], strict=True
@@ -104,15 +104,25 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     assert float(rows[1]["agreement std"]) == pytest.approx(0.0282843, abs=1e-6)
     assert float(rows[2]["student top-1 std"]) == pytest.approx(0.0424264, abs=1e-6)
     assert rows[0]["agreement mean"] == rows[0]["agreement std"] == ""  # no teacher, no agreement
+    # Gain over the pooled baseline (0.75, 0.77, 0.73, 0.79) with Welch's 95% interval, by hand for T=2
+    # (0.80, 0.82): 0.05; variances of the means 0.0002/2 and 0.002667/4, so se = 0.016330;
+    # Welch-Satterthwaite df = (1e-4 + 1.6667e-4)^2 / ((1e-4)^2/1 + (1.6667e-4)^2/3) = 3.692; t(0.975, 3.692)
+    # = 2.870 (between the table's 3.182 at df 3 and 2.776 at df 4); half-width 0.04687.
+    assert float(rows[1]["gain"]) == pytest.approx(0.05)
+    assert float(rows[1]["gain ci95 low"]) == pytest.approx(0.05 - 0.046869, abs=1e-5)
+    assert float(rows[1]["gain ci95 high"]) == pytest.approx(0.05 + 0.046869, abs=1e-5)
+    assert rows[0]["gain"] == ""  # the baseline has no gain over itself
 
     table = (sweep / "summary.md").read_text()
     assert table.strip() in proc.stdout
     cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
-    assert cells[0] == ["method", "knowledge.kd.temperature", "student top-1", "agreement", "n"]
+    assert cells[0] == [
+        "method", "knowledge.kd.temperature", "student top-1", "agreement", "gain in top-1 (95% CI)", "n"
+    ]  # fmt: skip
     assert cells[2:] == [
-        ["baseline (student alone)", "-", "0.7600 ± 0.0258", "-", "4"],
-        ["offline kd", "2", "0.8100 ± 0.0141", "0.9200 ± 0.0283", "2"],
-        ["offline kd", "10", "0.7300 ± 0.0424", "0.8200 ± 0.0283", "2"],
+        ["baseline (student alone)", "-", "0.7600 ± 0.0258", "-", "-", "4"],
+        ["offline kd", "2", "0.8100 ± 0.0141", "0.9200 ± 0.0283", "+0.0500 [+0.0031, +0.0969]", "2"],
+        ["offline kd", "10", "0.7300 ± 0.0424", "0.8200 ± 0.0283", "-0.0300 [-0.2501, +0.1901]", "2"],
     ]
     assert "seed" not in table and "paths." not in table and "hydra." not in table
     assert f"{sweep / '8'} failed" in proc.stderr
