@@ -12,7 +12,7 @@ against. Every other row's gain in top-1 over its baseline (the baseline row wit
 settings, apart from the distillation ones) comes with a 95% confidence interval: Welch's t
 interval for a difference of two means with unequal variances (Welch 1947), which needs at
 least two runs on each side. The table is printed and written to PREFIX.md and PREFIX.csv
-(default: DIR/summary).
+(default: DIR/summary); the gains, with their intervals as error bars, are drawn in PREFIX.png.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ NOT_COMPARED = (
 )
 # Shown in the method column instead (the scheme and the knowledge terms a run really used).
 IN_METHOD = ("mode", "knowledge")
-# A baseline trains with cross-entropy alone, so the distillation settings do not apply to it.
-NOT_FOR_BASELINE = ("knowledge", "mode.")
+# A baseline trains with cross-entropy alone, so the distillation and teacher settings do not apply to it.
+NOT_FOR_BASELINE = ("knowledge", "mode.", "dot.", "teacher", "model@teacher")
 BASELINE = "baseline (student alone)"
 NOT_APPLICABLE = "-"
 DEFAULT = "default"
@@ -197,10 +197,45 @@ def write_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
         writer.writerows(rows)  # None is written as an empty cell
 
 
+def write_gain_chart(path: Path, rows: list[dict], keys: list[str]) -> bool:
+    """A horizontal bar per row with a gain, its 95% interval as the error bar; False if no row has one."""
+    gained = [row for row in rows if row["gain"] is not None]
+    if not gained:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Each setting as its last name part (teacher_cache.views=2 -> views=2): the labels stay short.
+    labels = [
+        ", ".join([row["method"], *(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys if row[k] != DEFAULT)])
+        for row in gained
+    ]
+    gains = [row["gain"] for row in gained]
+    errors = [[g - row["gain ci95 low"] for g, row in zip(gains, gained, strict=True)],
+              [row["gain ci95 high"] - g for g, row in zip(gains, gained, strict=True)]]  # fmt: skip
+    # Wide enough for the longest label beside a 5-inch plot (about 0.075 inch per character at 10 pt).
+    width = 5 + 0.075 * max(len(label) for label in labels)
+    figure = Figure(figsize=(width, 1.4 + 0.35 * len(gained)), layout="constrained")
+    FigureCanvasAgg(figure)  # renders without a display
+    axes = figure.add_subplot()
+    positions = list(range(len(gained)))[::-1]  # the table's order, top to bottom
+    colours = [
+        "tab:green" if row["gain ci95 low"] > 0 else "tab:red" if row["gain ci95 high"] < 0 else "tab:gray"
+        for row in gained
+    ]
+    axes.barh(positions, gains, xerr=errors, color=colours, capsize=3)
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_yticks(positions, labels)
+    axes.set_xlabel(f"gain in {GAIN} over the student alone, with its 95% interval")
+    axes.set_title("green: better than the student alone; red: worse; gray: not told apart", fontsize=9)
+    figure.savefig(path, dpi=120)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a sweep directory (multirun/...) or a directory of runs")
-    parser.add_argument("--out", type=Path, help="output prefix for .md and .csv (default: DIR/summary)")
+    parser.add_argument("--out", type=Path, help="prefix of the .md, .csv and .png (default: DIR/summary)")
     args = parser.parse_args(argv)
     try:
         runs, failed = collect(args.dir)
@@ -215,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(rows, keys)
     Path(f"{prefix}.md").write_text(text + "\n")
     write_csv(Path(f"{prefix}.csv"), rows, keys)
-    print(f"{text}\n\n{len(runs)} runs in {len(rows)} rows. Written: {prefix}.md, {prefix}.csv")
+    written = [f"{prefix}.md", f"{prefix}.csv"]
+    if write_gain_chart(Path(f"{prefix}.png"), rows, keys):
+        written.append(f"{prefix}.png")
+    print(f"{text}\n\n{len(runs)} runs in {len(rows)} rows. Written: {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,13 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     assert float(rows[1]["gain ci95 low"]) == pytest.approx(0.05 - 0.046869, abs=1e-5)
     assert float(rows[1]["gain ci95 high"]) == pytest.approx(0.05 + 0.046869, abs=1e-5)
     assert rows[0]["gain"] == ""  # the baseline has no gain over itself
+    # The chart of the gains: one bar per distillation row, drawn as a real PNG.
+    from matplotlib.image import imread
+
+    chart = sweep / "summary.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(chart) in proc.stdout
+    height, width, _ = imread(chart).shape
+    assert width >= 5 * 120 and height > 100  # 5 inches of plot beside the labels, at 120 dpi
 
     table = (sweep / "summary.md").read_text()
     assert table.strip() in proc.stdout
@@ -149,6 +156,7 @@ def test_one_configuration_over_seeds_has_no_setting_columns(tmp_path):
     assert [(r["method"], r["n"]) for r in rows] == [("online dml", "3")]
     assert float(rows[0]["student top-1 mean"]) == pytest.approx(0.7)
     assert float(rows[0]["student top-1 std"]) == pytest.approx(0.1)
+    assert not (tmp_path / "runs" / "summary.png").exists()  # no baseline, no gains to draw
 
 
 def test_a_directory_without_results_is_a_clear_error(tmp_path):
