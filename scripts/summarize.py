@@ -11,7 +11,10 @@ their own labelled rows: the student alone, the reference a distillation table i
 against. Every other row's gain in top-1 over its baseline (the baseline row with the same
 settings, apart from the distillation ones) comes with a 95% confidence interval: Welch's t
 interval for a difference of two means with unequal variances (Welch 1947), which needs at
-least two runs on each side. The table is printed and written to PREFIX.md and PREFIX.csv
+least two runs on each side; and, where the runs of both share seeds, the paired interval over
+those seeds (a student and its baseline with one seed share their initialisation and batch
+order, so the per-seed difference varies less than either side; a baseline row that pools
+several runs of a seed gives their mean). The table is printed and written to PREFIX.md and PREFIX.csv
 (default: DIR/summary); the gains, with their intervals as error bars, are drawn in PREFIX.png.
 """
 
@@ -53,6 +56,7 @@ DEFAULT = "default"
 MEASURES = {"student top-1": "test/student/top1", "agreement": "test/student/agreement"}
 GAIN = "student top-1"  # the measure whose gain over the baseline is given
 GAIN_FIELDS = ("gain", "gain ci95 low", "gain ci95 high")
+PAIRED_FIELDS = ("paired gain", "paired ci95 low", "paired ci95 high", "paired seeds")
 
 
 def collect(root: Path) -> tuple[list[dict], list[Path]]:
@@ -116,10 +120,15 @@ def table(runs: list[dict], keys: list[str]) -> list[dict]:
             row[f"{name} std"] = statistics.stdev(values) if len(values) > 1 else None
         metric = MEASURES[GAIN]
         row["_values"] = [run["metrics"][metric] for run in members if metric in run["metrics"]]
+        by_seed: dict[str, list[float]] = {}
+        for run in members:
+            if metric in run["metrics"] and "seed" in run["overrides"]:
+                by_seed.setdefault(run["overrides"]["seed"], []).append(run["metrics"][metric])
+        row["_by_seed"] = {seed: statistics.mean(values) for seed, values in by_seed.items()}
         rows.append(row)
     add_gains(rows, keys)
     for row in rows:
-        del row["_values"]
+        del row["_values"], row["_by_seed"]
     return rows
 
 
@@ -129,10 +138,24 @@ def add_gains(rows: list[dict], keys: list[str]) -> None:
     baselines = {tuple(row[key] for key in shared): row for row in rows if row["method"] == BASELINE}
     for row in rows:
         baseline = baselines.get(tuple(row[key] for key in shared))
-        gain = None
+        gain = paired = None
         if row["method"] != BASELINE and baseline is not None:
             gain = welch_interval(row["_values"], baseline["_values"])
-        row.update(zip(GAIN_FIELDS, gain or (None, None, None), strict=True))
+            paired = paired_interval(row["_by_seed"], baseline["_by_seed"])
+        row.update(zip(GAIN_FIELDS, gain or (None,) * 3, strict=True))
+        row.update(zip(PAIRED_FIELDS, paired or (None,) * 4, strict=True))
+
+
+def paired_interval(a: dict[str, float], b: dict[str, float], level: float = 0.95) -> tuple | None:
+    """The mean per-seed difference a - b over the seeds both have, its `level` t interval, and the
+    number of seeds (None with under 2 shared seeds)."""
+    differences = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
+    if len(differences) < 2:
+        return None
+    mean = statistics.mean(differences)
+    half = stats.t.ppf(0.5 + level / 2, len(differences) - 1) * statistics.stdev(differences)
+    half /= math.sqrt(len(differences))
+    return mean, mean - half, mean + half, len(differences)
 
 
 def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float] | None:
@@ -163,18 +186,24 @@ def _number_first(value: str) -> tuple:
 
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
-    header = ["method", *keys, *MEASURES, "gain in top-1 (95% CI)", "n"]
+    header = ["method", *keys, *MEASURES, "gain in top-1 (95% CI)", "paired by seed (95% CI, seeds)", "n"]
     cells = [
         [
             row["method"],
             *(row[key] for key in keys),
             *(_mean_std(row, m) for m in MEASURES),
             _gain(row),
+            _paired(row),
             str(row["n"]),
         ]
         for row in rows
     ]
     return markdown_table(header, cells)
+
+
+def _paired(row: dict) -> str:
+    gain, low, high, seeds = (row[field] for field in PAIRED_FIELDS)
+    return NOT_APPLICABLE if gain is None else f"{gain:+.4f} [{low:+.4f}, {high:+.4f}] ({seeds})"
 
 
 def _gain(row: dict) -> str:
@@ -190,7 +219,14 @@ def _mean_std(row: dict, measure: str) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
-    fields = ["method", *keys, *(f"{m} {s}" for m in MEASURES for s in ("mean", "std")), *GAIN_FIELDS, "n"]
+    fields = [
+        "method",
+        *keys,
+        *(f"{m} {s}" for m in MEASURES for s in ("mean", "std")),
+        *GAIN_FIELDS,
+        *PAIRED_FIELDS,
+        "n",
+    ]
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()

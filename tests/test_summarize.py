@@ -91,7 +91,8 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     ]
     assert list(rows[0]) == [
         "method", "knowledge.kd.temperature", "student top-1 mean", "student top-1 std",
-        "agreement mean", "agreement std", "gain", "gain ci95 low", "gain ci95 high", "n",
+        "agreement mean", "agreement std", "gain", "gain ci95 low", "gain ci95 high",
+        "paired gain", "paired ci95 low", "paired ci95 high", "paired seeds", "n",
     ]  # fmt: skip
     for row, (mode, temperature) in zip(
         rows, [("baseline", None), ("offline", "2"), ("offline", "10")], strict=True
@@ -112,6 +113,12 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     assert float(rows[1]["gain ci95 low"]) == pytest.approx(0.05 - 0.046869, abs=1e-5)
     assert float(rows[1]["gain ci95 high"]) == pytest.approx(0.05 + 0.046869, abs=1e-5)
     assert rows[0]["gain"] == ""  # the baseline has no gain over itself
+    # Paired by seed: the pooled baseline's mean per seed is 0.74 (seed 1) and 0.78 (seed 2); T=2 gives
+    # 0.80, 0.82, so differences 0.06 and 0.04: mean 0.05, sd 0.01414, se 0.01, t(0.975, 1) = 12.706.
+    assert float(rows[1]["paired gain"]) == pytest.approx(0.05)
+    assert float(rows[1]["paired ci95 low"]) == pytest.approx(0.05 - 0.12706, abs=1e-5)
+    assert float(rows[1]["paired ci95 high"]) == pytest.approx(0.05 + 0.12706, abs=1e-5)
+    assert rows[1]["paired seeds"] == "2"
     # The chart of the gains: one bar per distillation row, drawn as a real PNG.
     from matplotlib.image import imread
 
@@ -124,14 +131,17 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     assert table.strip() in proc.stdout
     cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
     assert cells[0] == [
-        "method", "knowledge.kd.temperature", "student top-1", "agreement", "gain in top-1 (95% CI)", "n"
+        "method", "knowledge.kd.temperature", "student top-1", "agreement", "gain in top-1 (95% CI)",
+        "paired by seed (95% CI, seeds)", "n",
     ]  # fmt: skip
     assert cells[2:] == [
-        ["baseline (student alone)", "-", "0.7600 ± 0.0258", "-", "-", "4"],
-        ["offline kd", "2", "0.8100 ± 0.0141", "0.9200 ± 0.0283", "+0.0500 [+0.0031, +0.0969]", "2"],
-        ["offline kd", "10", "0.7300 ± 0.0424", "0.8200 ± 0.0283", "-0.0300 [-0.2501, +0.1901]", "2"],
-    ]
-    assert "seed" not in table and "paths." not in table and "hydra." not in table
+        ["baseline (student alone)", "-", "0.7600 ± 0.0258", "-", "-", "-", "4"],
+        ["offline kd", "2", "0.8100 ± 0.0141", "0.9200 ± 0.0283", "+0.0500 [+0.0031, +0.0969]",
+         "+0.0500 [-0.0771, +0.1771] (2)", "2"],
+        ["offline kd", "10", "0.7300 ± 0.0424", "0.8200 ± 0.0283", "-0.0300 [-0.2501, +0.1901]",
+         "-0.0300 [-0.1571, +0.0971] (2)", "2"],
+    ]  # fmt: skip
+    assert "seed" not in cells[0] and "paths." not in table and "hydra." not in table  # no seed column
     assert f"{sweep / '8'} failed" in proc.stderr
 
 
