@@ -126,11 +126,16 @@ def _refusal(cfg: DictConfig, datamodule: Any, layout: EntryLayout) -> str | Non
             "teacher would have to see each new view live; use replayable augmentation (RandomCrop, "
             "RandomResizedCrop, flips) or data.train_transforms=[]."
         )
-    one_view = layout.bytes_per_view(with_feats=False) * datamodule.train_split_size
+    one_view = _logits_bytes_per_view(layout, datamodule)
     budget = float(cfg.teacher_cache.max_bytes)
     if one_view > budget:
         return _over_budget(one_view, budget, "one view of the logits" if random else "the logits")
     return None
+
+
+def _logits_bytes_per_view(layout: EntryLayout, datamodule: Any) -> int:
+    """The bytes one view of the whole training split's logits takes (the budget's unit)."""
+    return layout.bytes_per_view(with_feats=False) * datamodule.train_split_size
 
 
 def _over_budget(needed: float, budget: float, what: str) -> str:
@@ -148,7 +153,7 @@ def _views(cfg: DictConfig, datamodule: Any, layout: EntryLayout) -> ViewPlan | 
     pipeline = datamodule.replay_pipeline()
     wanted = _wanted_views(cfg, datamodule, pipeline)
     budget = float(cfg.teacher_cache.max_bytes)
-    fitting = int(budget // (layout.bytes_per_view(with_feats=False) * datamodule.train_split_size))
+    fitting = int(budget // _logits_bytes_per_view(layout, datamodule))
     if wanted.count <= fitting:
         return wanted
     log.info(
