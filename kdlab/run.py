@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab import console
 from kdlab.allocator import tune_malloc
+from kdlab.baseline_row import gain_line, student_alone, test_baseline, wants_baseline
 from kdlab.build import (
     build_callbacks,
     build_knowledge,
@@ -95,13 +97,17 @@ def _train(
     datamodule = instantiate(cfg.data)
     knowledge = build_knowledge(cfg)  # before any teacher training: bad options fail fast
     # The scheme obtains what it learns from: a frozen teacher, generations, fresh peers, or nothing.
-    sources = scheme_class(cfg).sources_for(cfg, datamodule, TeacherStore(cfg.teacher_training.store))
+    store = TeacherStore(cfg.teacher_training.store)
+    sources = scheme_class(cfg).sources_for(cfg, datamodule, store)
+    # What the distilled student is read against: the student alone, stored like a teacher.
+    baseline = student_alone(cfg, datamodule, store) if wants_baseline(cfg, scheme_class(cfg)) else None
     # After the sources: a teacher trained meanwhile has no use for the extra views.
     datamodule.use_views(views_of(knowledge.values()), "knowledge=" + ",".join(knowledge))
     record, teacher = sources.frozen, None
-    if record is not None:
-        # Re-seed: the student's init must not depend on whether the teacher was just trained.
+    if record is not None or baseline is not None:
+        # Re-seed: the student's init must not depend on whether a teacher or baseline was just trained.
         L.seed_everything(cfg.seed, workers=True)
+    if record is not None:
         # The frozen teacher's identity goes into every checkpoint; a resume must use the same one.
         teacher = teacher_identity(record, sources.modules["teacher"], sources.frozen_config.name)
     check_teacher(start, teacher)
@@ -118,6 +124,7 @@ def _train(
             {**OmegaConf.to_container(cfg, resolve=True), "teacher_used": record_dict(record)}
         )
 
+    started = time.perf_counter()  # the student's training and testing, not the teacher's or baseline's
     # The stages some losses run first (AB's initialisation, FT's paraphraser); see kdlab.stages.
     stages = run_stages(
         cfg,
@@ -131,10 +138,24 @@ def _train(
     trainer.fit(scheme, datamodule=datamodule, ckpt_path=start.checkpoint if start else None)
     metrics = _floats(trainer.callback_metrics)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if cfg.get("test_last_epoch") and best:
+        # The weights the fit ended with, before the best checkpoint replaces them (the CRD
+        # protocol's figures are last-epoch ones): test_last/<model>/<metric>.
+        trainer.test(scheme, datamodule=datamodule, verbose=False)
+        metrics.update(
+            {
+                f"test_last/{k[5:]}": v
+                for k, v in _floats(trainer.callback_metrics).items()
+                if k.startswith("test/")
+            }
+        )
     # By path: "best" would make Lightning warn that more than one ModelCheckpoint is configured.
     # verbose=False: kdlab prints the results table itself, Lightning's would repeat it.
     trainer.test(scheme, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics.update(_floats(trainer.callback_metrics))
+    wall_time = time.perf_counter() - started
+    if baseline is not None:
+        metrics.update(test_baseline(cfg, datamodule, baseline[0]))
 
     # Loadable with student.checkpoint= or teacher.checkpoint=, unless "deployed" (SimKD's: see its docs).
     student_file = output_dir / "student.pt"
@@ -152,16 +173,23 @@ def _train(
     architectures = {"student": scheme.deployed_architecture(cfg.student.name), **sources.architectures}
     # Entries tested without a module of their own (an ensemble, exits) get rows too.
     extra = [name for name in scheme.test_metrics if name not in scheme.models()]
-    rows = model_rows(scheme.models(), architectures, metrics, extra)
+    models = scheme.models()
+    if baseline is not None:  # its row goes just before the student's
+        architectures["baseline"] = cfg.student.name
+        before, rest = list(models)[:-1], list(models)[-1:]  # the student is the scheme's last model
+        models = {**{k: models[k] for k in before}, "baseline": baseline[0], **{k: models[k] for k in rest}}
+    rows = model_rows(models, architectures, metrics, extra)
     results = {
         "run_dir": str(output_dir),
         "mode": scheme.name,
         "knowledge": list(scheme.templates),
         "teacher": record_dict(record),
+        "baseline": record_dict(baseline[1]) if baseline else None,
         "checkpoint": best or None,
         "student_weights": str(student_file),
         "models": rows,
         "stages": stages,
+        "wall_time_s": round(wall_time, 1),
         "metrics": metrics,
     }
     name = cfg.get("optimized_metric")
@@ -170,9 +198,10 @@ def _train(
         write_metrics(output_dir / "metrics.json", results)
         log_table(loggers, rows)
         stage_table = f"\n{format_stages(stages)}\n" if stages else ""
+        gain = gain_line(metrics) if baseline else None
+        table = f"{format_table(rows)}\n\n{gain}" if gain else format_table(rows)
         print(
-            f"{stage_table}\n{format_table(rows)}\n\n"
-            f"Run directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
+            f"{stage_table}\n{table}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
         )
     if name and name not in metrics:  # checked last, so the run's results are written first
         raise KdlabError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -30,6 +32,7 @@ from kdlab.build import build_knowledge, build_model, build_scheme, build_traine
 from kdlab.errors import KdlabError
 from kdlab.knowledge import Knowledge
 from kdlab.loggers import CSVLogger
+from kdlab.resume import EpochSeed
 from kdlab.store import build_once, content_key, save_atomic
 
 log = logging.getLogger(__name__)
@@ -206,14 +209,19 @@ def train_teacher(
     source: nn.Module | None = None,
     name: str = "teacher",
     seed_offset: int = 0,
+    best_on_validation: bool = False,
 ) -> tuple[dict, dict]:
     """Train the configured teacher model; return its weights and metrics.
 
     Alone (the baseline scheme), or, given a frozen `source`, distilled from it with the
-    configured knowledge (a Born-Again generation). `name` labels its metrics.
+    configured knowledge (a Born-Again generation). `name` labels its metrics. The weights are the
+    last epoch's, or with `best_on_validation` the epoch's with the best validation top-1, which is
+    what a run reports (its test uses the checkpoint callback's best): a stored baseline is compared
+    with a run's student on the same footing.
     """
     log.info("No stored %s for this configuration: training %s first (%s)", name, cfg.teacher.name, entry)
-    L.seed_everything(cfg.teacher_training.seed + seed_offset, workers=True)
+    seed = cfg.teacher_training.seed + seed_offset
+    L.seed_everything(seed, workers=True)
     model = build_model(cfg.teacher, checkpoint=None)
     # Through the one scheme builder: the baseline scheme alone, or offline KD from `source`.
     if source is None:
@@ -233,14 +241,25 @@ def train_teacher(
         dot=source is not None,  # DOT splits a distillation gradient; a teacher on its own has none
         model_name=name,
     )
+    # Seeded per epoch as a run is: a stored baseline is then the mode=baseline run of its seed.
+    callbacks: list[L.Callback] = [EpochSeed(seed)]
+    if best_on_validation:
+        best = ModelCheckpoint(
+            dirpath=entry / "best", monitor=f"val/{name}/top1", mode="max", save_weights_only=True
+        )
+        callbacks.append(best)
     trainer = build_trainer(
         cfg,
         OmegaConf.merge(SINGLE_PROCESS, cfg.teacher_training.trainer),
         logger=CSVLogger(entry, name="train_log", version=""),
-        callbacks=[],
-        enable_checkpointing=False,
+        callbacks=callbacks,
+        enable_checkpointing=best_on_validation,
     )
     trainer.fit(scheme, datamodule=datamodule)
+    if best_on_validation and best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        scheme.load_state_dict(state)
+        shutil.rmtree(entry / "best")
     # The run reuses this datamodule; under ddp_spawn its Trainer pickles it for the workers, and
     # it must not carry this Trainer along (with the teacher's training state, graph included).
     datamodule.trainer = None

@@ -29,11 +29,17 @@ variants are interleaved `--repeats` times and each one's best kept, as `timeit`
 on the machine only slows a run down. Also shown: the teacher's forward in channels_last against the default
 layout, and (`--allocator`, in two fresh processes) loop (a) with glibc's default malloc against
 kdlab's tuning (kdlab/allocator.py).
+
+`--precision bf16-mixed` runs every variant in bf16 autocast: kdlab's as `trainer.precision=bf16-mixed`,
+the hand-written loops with their forward pass and loss under `torch.autocast`, as Lightning does.
+`--compile-teacher` compiles the frozen teacher of the KD variants: kdlab's offline ones with
+`mode.teacher_compile=true`, loop (a) with `Module.compile`; it compiles in the warm-up batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import subprocess
@@ -92,6 +98,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         "logger=none",
         "callbacks=none",
         "trainer.max_epochs=1",
+        f"trainer.precision={args.precision}",
         f"trainer.limit_train_batches={args.warmup + args.batches}",
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
@@ -204,6 +211,18 @@ def device(args) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
 
 
+def teacher_options(args) -> list[str]:
+    """The overrides of kdlab's offline KD variants for `--compile-teacher`."""
+    return ["mode.teacher_compile=true"] if args.compile_teacher else []
+
+
+def autocast(args, dev: torch.device):
+    """The hand-written loops' `--precision`: bf16 autocast of the forward pass and loss, as Lightning's."""
+    if args.precision == "bf16-mixed":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # ------------------------------------------------------------------------ hand-written loops
 class Batches:
     """Shuffled batches sliced from pre-normalised tensors on the device: the cheapest data path."""
@@ -235,18 +254,22 @@ def timed(step, args) -> float:
 def handwritten_kd(args, batches: Batches, cfg) -> float:
     dev = batches.x.device
     teacher = seeded_model(cfg, "teacher", 0).to(dev).eval().requires_grad_(False)
+    if args.compile_teacher:
+        teacher.compile()
     torch.manual_seed(1)
     student = build_model(cfg.student, checkpoint=None).to(dev)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     temperature = 4.0
+    amp = autocast(args, dev)
 
     def step(i: int) -> None:
         x, y = batches(i)
-        with torch.no_grad():
-            soft = F.softmax(teacher(x) / temperature, dim=1)
-        logits = student(x)
-        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
-        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * temperature**2 * kd
+        with amp:
+            with torch.no_grad():
+                soft = F.softmax(teacher(x) / temperature, dim=1)
+            logits = student(x)
+            kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
+            loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * temperature**2 * kd
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -258,10 +281,12 @@ def handwritten_ce(args, batches, cfg, role: str, seed: int) -> float:
     """Cross-entropy training of `role`'s model on `batches` (Batches, or LoaderBatches: g's data path)."""
     model = seeded_model(cfg, role, seed).to(device(args))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    amp = autocast(args, device(args))
 
     def step(i: int) -> None:
         x, y = batches(i)
-        loss = F.cross_entropy(model(x), y)
+        with amp:
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -300,9 +325,10 @@ def teacher_forward(args, batches: Batches, cfg, channels_last: bool) -> float:
     teacher = seeded_model(cfg, "teacher", 0).to(batches.x.device).eval().requires_grad_(False)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     teacher.to(memory_format=layout)
+    amp = autocast(args, batches.x.device)
 
     def step(i: int) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             teacher(batches(i)[0].contiguous(memory_format=layout))
 
     return timed(step, args)
@@ -351,8 +377,11 @@ def allocator_ab(args) -> dict[str, float]:
             str(args.batch_size),
             "--workdir",
             str(args.workdir),
+            "--precision",
+            args.precision,
         ]
         cmd += ["--cpu"] if args.cpu else []
+        cmd += ["--compile-teacher"] if args.compile_teacher else []
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(result.stdout.strip().splitlines()[-1])["a"]
     return out
@@ -366,6 +395,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU present")
+    parser.add_argument(
+        "--precision", choices=("32-true", "bf16-mixed"), default="32-true", help="as trainer.precision"
+    )
+    parser.add_argument(
+        "--compile-teacher", action="store_true", help="torch.compile the KD variants' frozen teacher"
+    )
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
     parser.add_argument("--allocator", action="store_true", help="also measure glibc malloc tuning (a, A/B)")
     parser.add_argument("--data-root", type=Path, help="Fashion-MNIST files (default: the usual search)")
@@ -397,19 +432,23 @@ def main() -> None:
 
     print(
         f"threads={torch.get_num_threads()} device={device(args)} "
-        f"batch={args.batch_size} malloc={args.malloc}"
+        f"batch={args.batch_size} malloc={args.malloc} precision={args.precision} "
+        f"compile_teacher={args.compile_teacher}"
     )
     build_seconds = build_cache(args, datamodule)
     print(f"teacher-output cache: built in {build_seconds:.1f} s" if build_seconds else "cache: entry reused")
     views = [*AUGMENTED, f"teacher_cache.views={args.views}"]
+    compiled = teacher_options(args)
     live_augmented = augmented_datamodule(args)
     views_build_seconds = build_cache(args, live_augmented, views)
     served = stored_views_datamodule(args, views)
     variants = {
         "a: KD (hand-written)": lambda: handwritten_kd(args, batches, cfg),
-        "b: kdlab offline KD": lambda: kdlab_rate(args, datamodule, ["teacher_cache.enabled=false"]),
+        "b: kdlab offline KD": lambda: kdlab_rate(
+            args, datamodule, ["teacher_cache.enabled=false", *compiled]
+        ),
         "c: kdlab KD, cached": lambda: kdlab_rate(
-            args, datamodule, ["teacher_cache.enabled=true"], cached=True
+            args, datamodule, ["teacher_cache.enabled=true", *compiled], cached=True
         ),
         "d: student CE (hand-written)": lambda: handwritten_ce(args, batches, cfg, "student", 1),
         "kdlab baseline (student CE)": lambda: kdlab_rate(args, datamodule, ["mode=baseline"]),
@@ -418,13 +457,13 @@ def main() -> None:
         "teacher fwd, contiguous": lambda: teacher_forward(args, batches, cfg, channels_last=False),
         "teacher fwd, channels_last": lambda: teacher_forward(args, batches, cfg, channels_last=True),
         "f: kdlab KD, stored views": lambda: kdlab_rate(
-            args, served, ["teacher_cache.enabled=true", *views], cached=True
+            args, served, ["teacher_cache.enabled=true", *views, *compiled], cached=True
         ),
         "g: CE, live augmentation (hand-written)": lambda: handwritten_ce(
             args, LoaderBatches(live_augmented, device(args)), cfg, "student", 1
         ),
         "kdlab KD, augmented, live teacher": lambda: kdlab_rate(
-            args, live_augmented, [*AUGMENTED, "teacher_cache.enabled=false"]
+            args, live_augmented, [*AUGMENTED, "teacher_cache.enabled=false", *compiled]
         ),
         "CE on stored views (hand-written)": lambda: handwritten_ce(
             args, LoaderBatches(served, device(args)), cfg, "student", 1
@@ -432,6 +471,13 @@ def main() -> None:
     }
     rates = best_rates(variants, args.repeats)
     figures = {"img_per_s": rates, "ratios": ratios(rates), "cache_build_s": build_seconds}
+    figures["settings"] = {
+        "device": str(device(args)),
+        "precision": args.precision,
+        "compile_teacher": args.compile_teacher,
+        "batches": args.batches,
+        "repeats": args.repeats,
+    }
     figures["stored_views"] = views_figures(
         args, rates, views_build_seconds, len(live_augmented.train_set.dataset), len(live_augmented.train_set)
     )

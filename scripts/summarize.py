@@ -16,6 +16,9 @@ those seeds (a student and its baseline with one seed share their initialisation
 order, so the per-seed difference varies less than either side; a baseline row that pools
 several runs of a seed gives their mean). The table is printed and written to PREFIX.md and PREFIX.csv
 (default: DIR/summary); the gains, with their intervals as error bars, are drawn in PREFIX.png.
+Where the runs recorded it, a column gives each row's mean wall time (a run's training and testing,
+`wall_time_s` in metrics.json). `--findings FILE` adds a column of what was found about each row,
+from a YAML mapping of the method, as the table names it, to text.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ DEFAULT = "default"
 MEASURES = {"student top-1": "test/student/top1", "agreement": "test/student/agreement"}
 GAIN = "student top-1"  # the measure whose gain over the baseline is given
 GAIN_FIELDS = ("gain", "gain ci95 low", "gain ci95 high")
+WALL = "wall time s"  # a run's training and testing (metrics.json's wall_time_s), mean over the row's runs
+FINDING = "finding"
 PAIRED_FIELDS = ("paired gain", "paired ci95 low", "paired ci95 high", "paired seeds")
 
 
@@ -77,6 +82,7 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
                 "method": _method(results),
                 "overrides": override_dict(read_overrides(path.parent)),
                 "metrics": results.get("metrics", {}),
+                "wall_time_s": results.get("wall_time_s"),
             }
         )
     if not runs:
@@ -118,6 +124,8 @@ def table(runs: list[dict], keys: list[str]) -> list[dict]:
             values = [run["metrics"][metric] for run in members if run["metrics"].get(metric) is not None]
             row[f"{name} mean"] = statistics.mean(values) if values else None
             row[f"{name} std"] = statistics.stdev(values) if len(values) > 1 else None
+        times = [run["wall_time_s"] for run in members if run.get("wall_time_s") is not None]
+        row[WALL] = statistics.mean(times) if times else None
         metric = MEASURES[GAIN]
         row["_values"] = [run["metrics"][metric] for run in members if metric in run["metrics"]]
         by_seed: dict[str, list[float]] = {}
@@ -187,6 +195,9 @@ def _number_first(value: str) -> tuple:
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
     header = ["method", *keys, *MEASURES, "gain in top-1 (95% CI)", "paired by seed (95% CI, seeds)", "n"]
+    timed = any(row.get(WALL) is not None for row in rows)
+    noted = any(row.get(FINDING) for row in rows)
+    header += ["wall time (s)"] * timed + ["finding"] * noted
     cells = [
         [
             row["method"],
@@ -195,10 +206,28 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
             _gain(row),
             _paired(row),
             str(row["n"]),
+            *([NOT_APPLICABLE if row[WALL] is None else f"{row[WALL]:.0f}"] * timed),
+            *([row.get(FINDING) or ""] * noted),
         ]
         for row in rows
     ]
     return markdown_table(header, cells)
+
+
+def add_findings(rows: list[dict], path: Path | None) -> None:
+    """Each row's finding from a YAML mapping of method (as the table names it) to text, if given."""
+    if path is None:
+        return
+    import yaml
+
+    findings = yaml.safe_load(path.read_text()) or {}
+    unknown = set(findings) - {row["method"] for row in rows}
+    if unknown:
+        print(
+            f"Findings for methods not in the table (left out): {', '.join(sorted(unknown))}", file=sys.stderr
+        )
+    for row in rows:
+        row[FINDING] = " ".join(str(findings.get(row["method"], "")).split())
 
 
 def _paired(row: dict) -> str:
@@ -226,9 +255,11 @@ def write_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
         *GAIN_FIELDS,
         *PAIRED_FIELDS,
         "n",
+        *([WALL] if any(row.get(WALL) is not None for row in rows) else []),
+        *([FINDING] if any(row.get(FINDING) for row in rows) else []),
     ]
     with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
+        writer = csv.DictWriter(file, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)  # None is written as an empty cell
 
@@ -272,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a sweep directory (multirun/...) or a directory of runs")
     parser.add_argument("--out", type=Path, help="prefix of the .md, .csv and .png (default: DIR/summary)")
+    parser.add_argument(
+        "--findings", type=Path, help="a YAML file of method (as in the table) -> what was found, as a column"
+    )
     args = parser.parse_args(argv)
     try:
         runs, failed = collect(args.dir)
@@ -281,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Not in the table: {job} failed (see its {FAILED_FILE}).", file=sys.stderr)
     keys = setting_keys(runs)
     rows = table(runs, keys)
+    add_findings(rows, args.findings)
     prefix = args.out or args.dir / "summary"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, keys)

@@ -54,6 +54,9 @@ def fast_overrides(tmp_path: Path, batches: int = 3, teacher_store: Path | None 
         # tests/test_cache_views.py, which turn it back on). Elsewhere a session's many runs of one
         # setting would each be "a later run" that builds a whole-split entry (minutes, gigabytes).
         "teacher_cache.enabled=false",
+        # The stored student-alone row (kdlab/baseline_row.py) is tested in tests/test_baseline_row.py;
+        # elsewhere it would train a second student in every run.
+        "baseline_row=false",
     ]
 
 

@@ -176,3 +176,37 @@ def test_a_directory_without_results_is_a_clear_error(tmp_path):
     assert "No metrics.json below" in proc.stderr and str(tmp_path / "sweep") in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep" / "summary.md").exists()
+
+
+def test_wall_time_and_findings_columns(tmp_path):
+    root = tmp_path / "sweep"
+    for num, (mode, seed, top1, wall) in enumerate(
+        [
+            ("baseline", 1, 0.80, 10.0),
+            ("baseline", 2, 0.82, 14.0),
+            ("offline", 1, 0.79, 30.0),
+            ("offline", 2, 0.80, 32.5),
+        ]
+    ):
+        _job(
+            root / str(num),
+            [f"mode={mode}", f"seed={seed}"],
+            {"mode": mode, "knowledge": ["kd"] if mode == "offline" else [], "wall_time_s": wall,
+             "metrics": {"test/student/top1": top1}},
+        )  # fmt: skip
+    findings = tmp_path / "findings.yaml"
+    findings.write_text("offline kd: >\n  budget: the student\n  is underfit\nnot a row: dropped\n")
+    proc = _summarize(root, "--findings", findings)
+    assert proc.returncode == 0, proc.stderr
+    assert "not a row" in proc.stderr
+    cells = [
+        [c.strip() for c in line.split("|")[1:-1]] for line in (root / "summary.md").read_text().splitlines()
+    ]
+    assert cells[0][-2:] == ["wall time (s)", "finding"]
+    # Means over each row's runs: (10 + 14) / 2 = 12 and (30 + 32.5) / 2 = 31.25, shown to the second.
+    assert cells[2][0] == "baseline (student alone)" and cells[2][-2:] == ["12", ""]
+    assert cells[3][0] == "offline kd" and cells[3][-2:] == ["31", "budget: the student is underfit"]
+    with (root / "summary.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert float(rows[1]["wall time s"]) == pytest.approx(31.25)
+    assert rows[1]["finding"] == "budget: the student is underfit"
