@@ -17,8 +17,10 @@ order, so the per-seed difference varies less than either side; a baseline row t
 several runs of a seed gives their mean). The table is printed and written to PREFIX.md and PREFIX.csv
 (default: DIR/summary); the gains, with their intervals as error bars, are drawn in PREFIX.png.
 Where the runs recorded it, a column gives each row's mean wall time (a run's training and testing,
-`wall_time_s` in metrics.json). `--findings FILE` adds a column of what was found about each row,
-from a YAML mapping of the method, as the table names it, to text.
+`wall_time_s` in metrics.json). A configuration none of whose jobs ran (each left a failed.json) is a
+row too, of n = 0, with the error's first sentence as its finding. `--findings FILE` gives each row
+what was found about it, from a YAML mapping of the method, as the table names it, to text (a failed
+configuration's key is "<method> (failed)").
 """
 
 from __future__ import annotations
@@ -77,10 +79,11 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
         if path.parent in failed:
             continue
         results = json.loads(path.read_text())
+        overrides = override_dict(read_overrides(path.parent))
         runs.append(
             {
-                "method": _method(results),
-                "overrides": override_dict(read_overrides(path.parent)),
+                "method": _method(results, overrides.get("knowledge")),
+                "overrides": overrides,
                 "metrics": results.get("metrics", {}),
                 "wall_time_s": results.get("wall_time_s"),
             }
@@ -93,10 +96,13 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
     return runs, failed
 
 
-def _method(results: dict) -> str:
+def _method(results: dict, chosen: str | None = None) -> str:
+    """The scheme and the knowledge: as chosen on the command line (`knowledge=dot` is KD with another
+    optimizer, so its terms alone would not tell it from `knowledge=kd`), else the terms the run used."""
     if results.get("mode") == "baseline":
         return BASELINE
-    return f"{results.get('mode')} {'+'.join(results.get('knowledge') or [])}".strip()
+    knowledge = chosen.strip("[]").replace(",", "+") if chosen else "+".join(results.get("knowledge") or [])
+    return f"{results.get('mode')} {knowledge}".strip()
 
 
 def setting_keys(runs: list[dict]) -> list[str]:
@@ -214,6 +220,29 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     return markdown_table(header, cells)
 
 
+def failed_rows(failed: list[Path], rows: list[dict], keys: list[str]) -> list[dict]:
+    """A row for each configuration whose every job failed: n = 0, and the error's first sentence as
+    its finding (a method a pair cannot run is a result too, not a gap in the table)."""
+    done = {(row["method"], tuple(row[key] for key in keys)) for row in rows}
+    added: dict[tuple, dict] = {}
+    for job in failed:
+        failure = json.loads((job / FAILED_FILE).read_text())
+        overrides = override_dict(read_overrides(job) or failure.get("overrides", []))
+        knowledge = overrides.get("knowledge", "").strip("[]").replace(",", "+")
+        method = f"{overrides.get('mode', 'offline')} {knowledge}".strip()
+        settings = tuple(overrides.get(key, DEFAULT) for key in keys)
+        if (method, settings) in done or (method, settings) in added:
+            continue
+        message = " ".join(str(failure.get("message", "")).split())
+        row = {"method": method, **dict(zip(keys, settings, strict=True)), "n": 0}
+        for name in MEASURES:
+            row[f"{name} mean"] = row[f"{name} std"] = None
+        row.update(dict.fromkeys((*GAIN_FIELDS, *PAIRED_FIELDS, WALL)))
+        row[FINDING] = f"failed ({failure.get('error', 'error')}): {message.split('. ')[0].rstrip('.')}."
+        added[(method, settings)] = row
+    return [added[key] for key in sorted(added)]
+
+
 def add_findings(rows: list[dict], path: Path | None) -> None:
     """Each row's finding from a YAML mapping of method (as the table names it) to text, if given."""
     if path is None:
@@ -221,13 +250,16 @@ def add_findings(rows: list[dict], path: Path | None) -> None:
     import yaml
 
     findings = yaml.safe_load(path.read_text()) or {}
-    unknown = set(findings) - {row["method"] for row in rows}
+    unknown = set(findings) - {row["method"] for row in rows} - {f"{row['method']} (failed)" for row in rows}
     if unknown:
         print(
             f"Findings for methods not in the table (left out): {', '.join(sorted(unknown))}", file=sys.stderr
         )
     for row in rows:
-        row[FINDING] = " ".join(str(findings.get(row["method"], "")).split())
+        # A configuration that failed is looked up as "<method> (failed)": the same method may also
+        # have rows that ran, with other settings.
+        key = f"{row['method']} (failed)" if row["n"] == 0 else row["method"]
+        row[FINDING] = " ".join(str(findings.get(key, "")).split()) or row.get(FINDING)
 
 
 def _paired(row: dict) -> str:
@@ -311,10 +343,14 @@ def main(argv: list[str] | None = None) -> None:
         runs, failed = collect(args.dir)
     except KdlabError as error:
         parser.error(str(error))
-    for job in failed:
-        print(f"Not in the table: {job} failed (see its {FAILED_FILE}).", file=sys.stderr)
     keys = setting_keys(runs)
     rows = table(runs, keys)
+    rows += failed_rows(failed, rows, keys)
+    for job in failed:
+        print(
+            f"Failed: {job} (see its {FAILED_FILE}); a configuration none of whose jobs ran is a row, n = 0.",
+            file=sys.stderr,
+        )
     add_findings(rows, args.findings)
     prefix = args.out or args.dir / "summary"
     prefix.parent.mkdir(parents=True, exist_ok=True)

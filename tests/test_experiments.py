@@ -138,3 +138,15 @@ def test_every_knowledge_composes_with_the_cifar_experiment_and_keeps_its_recipe
         num_samples=50_000,
     )
     assert list(scheme.knowledge) == list(cfg.knowledge)
+
+
+def test_tutorial_experiment_is_the_pytorch_tutorials_recipe():
+    """experiment=tutorial: the PyTorch KD tutorial's train_knowledge_distillation() arguments."""
+    cfg = compose_config(["experiment=tutorial"])
+    assert (cfg.teacher.name, cfg.student.name) == ("deepnn", "lightnn")
+    assert cfg.knowledge.kd.temperature == 2.0  # T=2
+    assert cfg.knowledge.kd.weight == 0.25 and cfg.mode.task_weight == 0.75  # soft 0.25, CE 0.75
+    assert cfg.trainer.max_epochs == 10 and cfg.trainer.limit_train_batches is None
+    assert cfg.teacher_training.trainer.max_epochs == 10  # the teacher trains 10 epochs too
+    assert list(cfg.data.train_transforms) == []  # the tutorial normalises only
+    assert cfg.optimizer.lr == 1e-3 and cfg.data.batch_size == 128

@@ -145,9 +145,12 @@ def test_bench_runs_and_reports_every_figure(tmp_path, small_fashion_mnist):  # 
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--batches", "2", "--warmup", "1"]
     cmd += ["--repeats", "1", "--cpu", "--data-root", str(small_fashion_mnist), "--val-size", "100"]
     cmd += ["--batch-size", "32", "--workdir", str(tmp_path / "work"), "--json", str(out), "--allocator"]
+    # bf16 autocast runs on the CPU too: the GPU check's second precision, exercised here.
+    cmd += ["--precision", "bf16-mixed"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
+    assert figures["settings"]["precision"] == "bf16-mixed"
     assert len(figures["img_per_s"]) == 13 and all(rate > 0 for rate in figures["img_per_s"].values())
     assert set(figures["ratios"]) == {
         "b/a",
@@ -196,3 +199,18 @@ def test_unknown_compile_arguments_are_refused_with_what_to_set(tmp_path):
         KdlabError, match=r"mode.teacher_compile=\{'fastest': True\} is not a set of torch.compile"
     ):
         build_scheme(cfg, instantiate(cfg.data), build_knowledge(cfg), teacher=build_model(cfg.teacher))
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
+    """README's `bash scripts/gpu_check.sh`: on a machine without CUDA it measures nothing and says why."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the check would run for minutes")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no CUDA GPU is visible" in result.stderr
+    assert "figures are GPU figures only" in result.stderr
+    assert not (tmp_path / "out" / "gpu_check.md").exists()

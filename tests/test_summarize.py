@@ -83,19 +83,22 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     with (sweep / "summary.csv").open() as file:
         rows = list(csv.DictReader(file))
     # The baseline is one labelled row: the temperature does not apply to it, so its 4 runs pool.
-    # Then one row per temperature, in numeric order (2 before 10); the failed job is left out.
+    # Then one row per temperature, in numeric order (2 before 10); the configuration whose only job
+    # failed is a row of n = 0 at the end, its error as the finding.
     assert [(r["method"], r["knowledge.kd.temperature"], r["n"]) for r in rows] == [
         ("baseline (student alone)", "-", "4"),
         ("offline kd", "2", "2"),
         ("offline kd", "10", "2"),
+        ("offline", "3", "0"),
     ]
+    assert rows[3]["finding"] == "failed (KdlabError): no." and rows[3]["student top-1 mean"] == ""
     assert list(rows[0]) == [
         "method", "knowledge.kd.temperature", "student top-1 mean", "student top-1 std",
         "agreement mean", "agreement std", "gain", "gain ci95 low", "gain ci95 high",
-        "paired gain", "paired ci95 low", "paired ci95 high", "paired seeds", "n",
+        "paired gain", "paired ci95 low", "paired ci95 high", "paired seeds", "n", "finding",
     ]  # fmt: skip
     for row, (mode, temperature) in zip(
-        rows, [("baseline", None), ("offline", "2"), ("offline", "10")], strict=True
+        rows[:3], [("baseline", None), ("offline", "2"), ("offline", "10")], strict=True
     ):
         mean, std, n = _expected(mode, temperature)
         assert float(row["student top-1 mean"]) == pytest.approx(mean)
@@ -132,17 +135,18 @@ def test_rows_are_configurations_with_mean_and_sample_std_over_seeds(sweep):
     cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
     assert cells[0] == [
         "method", "knowledge.kd.temperature", "student top-1", "agreement", "gain in top-1 (95% CI)",
-        "paired by seed (95% CI, seeds)", "n",
+        "paired by seed (95% CI, seeds)", "n", "finding",
     ]  # fmt: skip
     assert cells[2:] == [
-        ["baseline (student alone)", "-", "0.7600 ± 0.0258", "-", "-", "-", "4"],
+        ["baseline (student alone)", "-", "0.7600 ± 0.0258", "-", "-", "-", "4", ""],
         ["offline kd", "2", "0.8100 ± 0.0141", "0.9200 ± 0.0283", "+0.0500 [+0.0031, +0.0969]",
-         "+0.0500 [-0.0771, +0.1771] (2)", "2"],
+         "+0.0500 [-0.0771, +0.1771] (2)", "2", ""],
         ["offline kd", "10", "0.7300 ± 0.0424", "0.8200 ± 0.0283", "-0.0300 [-0.2501, +0.1901]",
-         "-0.0300 [-0.1571, +0.0971] (2)", "2"],
+         "-0.0300 [-0.1571, +0.0971] (2)", "2", ""],
+        ["offline", "3", "-", "-", "-", "-", "0", "failed (KdlabError): no."],
     ]  # fmt: skip
     assert "seed" not in cells[0] and "paths." not in table and "hydra." not in table  # no seed column
-    assert f"{sweep / '8'} failed" in proc.stderr
+    assert f"Failed: {sweep / '8'}" in proc.stderr
 
 
 def test_out_prefix_chooses_where_both_files_go(sweep, tmp_path):
@@ -210,3 +214,34 @@ def test_wall_time_and_findings_columns(tmp_path):
         rows = list(csv.DictReader(file))
     assert float(rows[1]["wall time s"]) == pytest.approx(31.25)
     assert rows[1]["finding"] == "budget: the student is underfit"
+
+
+def test_method_is_the_knowledge_chosen_on_the_command_line(tmp_path):
+    """knowledge=dot runs KD's term with another optimizer: its row must not pool with knowledge=kd's."""
+    root = tmp_path / "sweep"
+    for num, (chosen, seed, top1) in enumerate(
+        [("kd", 1, 0.8), ("kd", 2, 0.82), ("dot", 1, 0.7), ("dot", 2, 0.72)]
+    ):
+        _job(
+            root / str(num),
+            ["mode=offline", f"knowledge={chosen}", f"seed={seed}"],
+            {"mode": "offline", "knowledge": ["kd"], "metrics": {"test/student/top1": top1}},
+        )
+    summed = {"mode": "offline", "knowledge": ["crd", "kd"], "metrics": {"test/student/top1": 0.9}}
+    _job(root / "4", ["mode=offline", "knowledge=[crd,kd]", "seed=1"], summed)
+    assert _summarize(root).returncode == 0
+    with (root / "summary.csv").open() as file:
+        rows = {row["method"]: row for row in csv.DictReader(file)}
+    assert set(rows) == {"offline kd", "offline dot", "offline crd+kd"}
+    assert float(rows["offline dot"]["student top-1 mean"]) == pytest.approx(0.71)
+    assert float(rows["offline kd"]["student top-1 mean"]) == pytest.approx(0.81)
+
+
+def test_a_failed_configuration_takes_its_finding_from_the_failed_key(sweep, tmp_path):
+    findings = tmp_path / "findings.yaml"
+    findings.write_text("offline (failed): not applicable here\noffline kd: ran\n")
+    assert _summarize(sweep, "--findings", findings).returncode == 0
+    with (sweep / "summary.csv").open() as file:
+        rows = {(row["method"], row["n"]): row["finding"] for row in csv.DictReader(file)}
+    assert rows[("offline", "0")] == "not applicable here"
+    assert rows[("offline kd", "2")] == "ran"
