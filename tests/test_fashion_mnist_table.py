@@ -51,7 +51,7 @@ def test_the_table_command_runs_every_sweep_and_writes_its_document(tmp_path, fa
         ("baseline (student alone)", "2"),
         ("offline kd", "2"),
         ("online dml", "2"),
-        ("pskd", "2"),
+        ("pskd dml", "2"),
         ("cskd", "2"),
     }
     assert len(rows) == 10  # + BYOT, Born-Again generations 1 and 2, Tf-KD reg and self
