@@ -309,6 +309,8 @@ def write_gain_chart(path: Path, rows: list[dict], keys: list[str]) -> bool:
         ", ".join([row["method"], *(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys if row[k] != DEFAULT)])
         for row in gained
     ]
+    # A "$" would start matplotlib's mathtext (an interpolation such as ${trainer.max_epochs}).
+    labels = [label.replace("$", r"\$") for label in labels]
     gains = [row["gain"] for row in gained]
     errors = [[g - row["gain ci95 low"] for g, row in zip(gains, gained, strict=True)],
               [row["gain ci95 high"] - g for g, row in zip(gains, gained, strict=True)]]  # fmt: skip
