@@ -31,6 +31,7 @@ COMMON=(
   model@teacher=deepnn model@student=lightnn "teacher.checkpoint=$TEACHER"
   trainer.max_epochs=5 trainer.limit_train_batches=100
   "paths.teacher_store=$OUT/store" logger=csv trainer.enable_progress_bar=false ckpt_path=auto
+  baseline_row=false  # the student alone is its own arm (mode=baseline) here
 )
 $PYTHON -m kdlab.run -m mode=baseline seed=$SEEDS "hydra.sweep.dir=$OUT/runs/baseline" "${COMMON[@]}" "$@"
 $PYTHON -m kdlab.run -m knowledge=kd teacher_cache.enabled=false seed=$SEEDS \

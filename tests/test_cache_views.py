@@ -399,11 +399,12 @@ def test_the_accuracy_script_runs_every_arm_and_writes_its_table(tmp_path, small
     assert done.returncode == 0, done.stderr[-3000:]
     table = (out / "summary.md").read_text()
     # The baseline, the live teacher and the four stored-view arms: one row each.
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
     rows = [[cell.strip() for cell in row.strip("|").split("|")] for row in table.splitlines()[2:]]
     arms = {tuple(row[1:4]) for row in rows}
     assert rows[0][0] == "baseline (student alone)" and ("False", "default", "default") in arms
     assert {("True", views, storage) for views in ("5", "2") for storage in ("fp16", "topk")} <= arms
-    assert len(rows) == 6 and all(row[-1] == "1" for row in rows)  # one seed each
+    assert len(rows) == 6 and all(row[header.index("n")] == "1" for row in rows)  # one seed each
     entries = [p for p in (out / "store" / "outputs").iterdir() if p.is_dir()]
     assert len(entries) == 4  # K x storage; the seeds and the live arm add none
 
