@@ -227,7 +227,8 @@ CONFIG_NAME = "run"
 def hydra_main(cfg: DictConfig) -> float | None:
     console.setup(cfg)  # progress, results and warnings on the console; the rest in run.log
     # In a multirun, one failing job must not cost the other jobs' results (see kdlab.sweeps).
-    return run_or_record_failure(lambda: train(cfg)["optimized_metric"]["value"])
+    knowledge = list(cfg.get("knowledge") or {})
+    return run_or_record_failure(lambda: train(cfg)["optimized_metric"]["value"], knowledge)
 
 
 def main() -> None:

@@ -47,8 +47,10 @@ def catches_failures(hydra_cfg: DictConfig) -> bool:
     return hydra_cfg.sweeper.get("_target_") == BASIC_SWEEPER
 
 
-def run_or_record_failure(task: Callable[[], T]) -> T | None:
-    """Run one Hydra job; in a multirun, a failure is written to failed.json instead of ending the sweep."""
+def run_or_record_failure(task: Callable[[], T], knowledge: list[str]) -> T | None:
+    """Run one Hydra job; in a multirun, a failure is written to failed.json instead of ending the sweep.
+    `knowledge` (the job's knowledge terms) goes into failed.json, so a table can name the failed
+    configuration as it names a finished one."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return task()
@@ -58,7 +60,8 @@ def run_or_record_failure(task: Callable[[], T]) -> T | None:
     try:
         return task()
     except Exception as error:  # not KeyboardInterrupt: Ctrl-C still stops the whole sweep
-        _record_failure(job_dir, list(hydra_cfg.overrides.task), error)
+        method = {"mode": hydra_cfg.runtime.choices.get("mode"), "knowledge": knowledge}
+        _record_failure(job_dir, list(hydra_cfg.overrides.task), method, error)
         if not catches_failures(hydra_cfg):
             raise
         if isinstance(error, KdlabError):  # bad input: the message says it all
@@ -69,10 +72,11 @@ def run_or_record_failure(task: Callable[[], T]) -> T | None:
         return None
 
 
-def _record_failure(job_dir: Path, overrides: list[str], error: BaseException) -> None:
+def _record_failure(job_dir: Path, overrides: list[str], method: dict, error: BaseException) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
     failure = {
         "overrides": overrides,
+        **method,  # the scheme and knowledge terms the job composed, defaults included
         "error": type(error).__name__,
         "message": str(error),
         "traceback": "".join(traceback.format_exception(error)),

@@ -228,8 +228,9 @@ def failed_rows(failed: list[Path], rows: list[dict], keys: list[str]) -> list[d
     for job in failed:
         failure = json.loads((job / FAILED_FILE).read_text())
         overrides = override_dict(read_overrides(job) or failure.get("overrides", []))
-        knowledge = overrides.get("knowledge", "").strip("[]").replace(",", "+")
-        method = f"{overrides.get('mode', 'offline')} {knowledge}".strip()
+        # Named as a finished run's row is: the scheme and knowledge the job composed (in failed.json).
+        mode = overrides.get("mode") or failure.get("mode") or "offline"
+        method = _method({"mode": mode, "knowledge": failure.get("knowledge")}, overrides.get("knowledge"))
         settings = tuple(overrides.get(key, DEFAULT) for key in keys)
         if (method, settings) in done or (method, settings) in added:
             continue

@@ -142,7 +142,9 @@ def test_failing_job_is_reported_and_the_other_jobs_are_kept(failing_sweep):
     assert f"Results: {sweep}/<job>/metrics.json" in proc.stdout
     assert "1 of 3 jobs failed" in proc.stderr and "Traceback" not in proc.stderr
 
-    # The table the summary points to: the two finished jobs, one row each.
+    # The table the summary points to: the two finished jobs, one row each, and the failed
+    # configuration as a row of its own (n = 0, the error as its finding), named as the others are
+    # although its command line did not choose knowledge=kd.
     table = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep)], capture_output=True, text=True
     )
@@ -151,11 +153,13 @@ def test_failing_job_is_reported_and_the_other_jobs_are_kept(failing_sweep):
     assert [(r["method"], r["knowledge.kd.temperature"], r["n"]) for r in rows] == [
         ("offline kd", "2", "1"),
         ("offline kd", "4", "1"),
+        ("offline kd", "0", "0"),
     ]
-    for row, job in zip(rows, (0, 2), strict=True):
+    assert rows[2]["finding"].startswith("failed (KdlabError): knowledge.kd.temperature=0")
+    for row, job in zip(rows[:2], (0, 2), strict=True):
         metrics = json.loads((sweep / str(job) / "metrics.json").read_text())["metrics"]
         assert float(row["student top-1 mean"]) == metrics["test/student/top1"]
-    assert f"{sweep / '1'} failed" in table.stderr
+    assert f"Failed: {sweep / '1'} (see its failed.json)" in table.stderr
 
 
 def test_sweep_jobs_share_one_teacher_and_each_has_its_own_wandb_run(failing_sweep):
@@ -222,12 +226,13 @@ def test_a_crash_is_recorded_and_only_the_basic_sweeper_is_spared_it(sweeper, tm
         raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
 
     if sweeper == BASIC_SWEEPER:
-        assert run_or_record_failure(crash) is None
+        assert run_or_record_failure(crash, ["kd"]) is None
         assert "Job 7 failed" in caplog.text and "Traceback" in caplog.text
     else:  # Optuna counts it against max_failure_rate
         with pytest.raises(RuntimeError, match="CUDA out of memory"):
-            run_or_record_failure(crash)
+            run_or_record_failure(crash, ["kd"])
     failure = json.loads((tmp_path / "failed.json").read_text())
     assert failure["overrides"] == ["seed=3"] and failure["error"] == "RuntimeError"
+    assert (failure["mode"], failure["knowledge"]) == ("offline", ["kd"])  # what the job composed
     assert failure["message"].startswith("CUDA out of memory.") and "in crash" in failure["traceback"]
-    assert run_or_record_failure(lambda: 0.5) == 0.5 and not (tmp_path / "failed.json").exists()
+    assert run_or_record_failure(lambda: 0.5, ["kd"]) == 0.5 and not (tmp_path / "failed.json").exists()
