@@ -157,6 +157,10 @@ class TeacherStore:
         chain_cfg = cfg.copy()
         with open_dict(chain_cfg):
             chain_cfg.teacher = cfg.student  # every generation has the student's architecture
+            # and the student's budget and optimizer (Sec. 3), not a pretrained teacher's
+            # (teacher_training.*: the default job's teacher trains longer than its student).
+            chain_cfg.teacher_training.trainer = {}
+            chain_cfg.teacher_training.optimizer = {}
         base = teacher_spec(chain_cfg)
         generations: dict[str, nn.Module] = {}
         record: TeacherRecord | None = None

@@ -71,15 +71,13 @@ fi
 # Online: deep mutual learning between two LightNN peers, against LightNN trained alone (the baseline).
 sweep online mode=online model@teacher=lightnn
 # Self-distillation, each against the same student alone. Born-Again's generation 0 is trained in the
-# store with the student's budget (teacher_training.* set back to the run's); generations=1,2 gives
-# generation 1 (from 0) and 2 (from 1); Tf-KD's self variant learns from generation 0 too.
-SELF=('teacher_training.trainer.max_epochs=${trainer.max_epochs}'
-  'teacher_training.trainer.limit_train_batches=${trainer.limit_train_batches}')
+# store with the student's budget (every generation has it, whatever teacher_training.* says);
+# generations=1,2 gives generation 1 (from 0) and 2 (from 1); Tf-KD's self variant learns from generation 0 too.
 sweep self mode=self
 sweep pskd mode=pskd
 sweep cskd mode=cskd
-sweep born_again mode=born_again mode.generations=1,2 "${SELF[@]}"
-sweep tfkd mode=tfkd mode.variant=reg,self "${SELF[@]}"
+sweep born_again mode=born_again mode.generations=1,2
+sweep tfkd mode=tfkd mode.variant=reg,self
 fi
 # The table (with what was found about each row: docs/results/fashion_mnist_findings.yaml) under the
 # protocol and the time this invocation took; the chart beside it.

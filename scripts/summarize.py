@@ -8,8 +8,10 @@ the runs, leaving out the seed and settings that only change where or how a run 
 Each row gives the student's test top-1 and its agreement with the teacher as mean ± sample
 standard deviation over the configuration's runs, and n. Runs with `mode=baseline` form
 their own labelled rows: the student alone, the reference a distillation table is read
-against. Every other row's gain in top-1 over its baseline (the baseline row with the same
-settings, apart from the distillation ones) comes with a 95% confidence interval: Welch's t
+against. A sweep without such runs takes the student alone from the baseline rows its runs stored
+(`baseline_row: true`, the default: metrics.json's `baseline` and `test/baseline/top1`). Every
+other row's gain in top-1 over its baseline (the baseline row with the same settings, apart from
+the distillation ones) comes with a 95% confidence interval: Welch's t
 interval for a difference of two means with unequal variances (Welch 1947), which needs at
 least two runs on each side; and, where the runs of both share seeds, the paired interval over
 those seeds (a student and its baseline with one seed share their initialisation and batch
@@ -86,14 +88,35 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
                 "overrides": overrides,
                 "metrics": results.get("metrics", {}),
                 "wall_time_s": results.get("wall_time_s"),
+                "baseline": results.get("baseline"),
             }
         )
+    if not any(run["method"] == BASELINE for run in runs):
+        runs += stored_baselines(runs)
     if not runs:
         raise KdlabError(
             f"No {METRICS_FILE} below {root}: no run in it has finished. Pass the directory of a sweep "
             f"(multirun/<date>/<time>) or of runs (outputs/) whose jobs have completed."
         )
     return runs, failed
+
+
+def stored_baselines(runs: list[dict]) -> list[dict]:
+    """The student alone as the runs' baseline rows recorded it (kdlab/baseline_row.py), one run per
+    stored entry: a sweep run with the default `baseline_row: true` has its baseline without a
+    `mode=baseline` job. That entry is the mode=baseline run of its seed, so a sweep holding such
+    jobs uses them instead."""
+    entries: dict[str, dict] = {}
+    for run in runs:
+        record, top1 = run.get("baseline"), run["metrics"].get("test/baseline/top1")
+        if record and top1 is not None and record.get("path") not in entries:
+            entries[record.get("path")] = {
+                "method": BASELINE,
+                "overrides": run["overrides"],  # the table sets the ones a baseline has no part in aside
+                "metrics": {MEASURES[GAIN]: top1},
+                "wall_time_s": None,  # trained once, by whichever run came first
+            }
+    return list(entries.values())
 
 
 def _method(results: dict, chosen: str | None = None) -> str:

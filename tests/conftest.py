@@ -22,6 +22,16 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+# pytest-xdist runs the suite in parallel processes (pyproject.toml's addopts). Each gets its share
+# of the cores, and so do the kdlab processes a test starts (they inherit OMP_NUM_THREADS): more
+# threads than cores make every process of a 2-core machine wait on the others.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -57,6 +67,10 @@ def fast_overrides(tmp_path: Path, batches: int = 3, teacher_store: Path | None 
         # The stored student-alone row (kdlab/baseline_row.py) is tested in tests/test_baseline_row.py;
         # elsewhere it would train a second student in every run.
         "baseline_row=false",
+        # The default job's teacher trains longer than its student (conf/experiment/quickstart.yaml);
+        # here it follows the student's few batches, as it does outside the quickstart.
+        "++teacher_training.trainer.max_epochs=${trainer.max_epochs}",
+        "++teacher_training.trainer.limit_train_batches=${trainer.limit_train_batches}",
     ]
 
 

@@ -191,7 +191,7 @@ def offline_metrics(logits: dict[str, torch.Tensor], rows: slice = slice(None)) 
 def test_ddp_spawn_on_two_cpu_processes_matches_one_process(tmp_path, fashion_mnist):
     args = [
         *cli_overrides(tmp_path, batches=TRAIN_BATCHES),
-        f"+teacher_training.trainer.limit_train_batches={TEACHER_BATCHES}",
+        f"teacher_training.trainer.limit_train_batches={TEACHER_BATCHES}",
         f"data.batch_size={BATCH}",
         f"trainer.limit_test_batches={TEST_BATCHES}",
         "trainer.accelerator=cpu",

@@ -127,6 +127,8 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1(tmp_path, fas
         "knowledge=kd",
         "model@student=resnet8",
         NO_PLOTS,  # self mode's figures: tests/test_plots.py
+        # A pretrained teacher's budget (the default job's trains longer): not a generation's.
+        "teacher_training.trainer.max_epochs=4",
     ]
     first = train(compose_config(overrides))
     assert [row["model"] for row in first["models"]] == ["gen0", "teacher", "student"]
@@ -136,6 +138,8 @@ def test_born_again_generation_k_is_taught_by_generation_k_minus_1(tmp_path, fas
         for p in (tmp_path / "teachers").glob("*/meta.json")
     }
     assert sorted(entries) == [0, 1]
+    for entry in entries.values():  # every generation is trained as the student is (Sec. 3)
+        assert json.loads((entry / "meta.json").read_text())["spec"]["trainer"]["max_epochs"] == 1
     gen1 = json.loads((entries[1] / "meta.json").read_text())["spec"]["born_again"]
     assert gen1["teacher"] == entries[0].name.rsplit("-", 1)[1]  # keyed by generation 0's key
     assert first["teacher"]["path"] == str(entries[1] / "teacher.pt")  # the run's teacher is gen 1

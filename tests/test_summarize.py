@@ -245,3 +245,29 @@ def test_a_failed_configuration_takes_its_finding_from_the_failed_key(sweep, tmp
         rows = {(row["method"], row["n"]): row["finding"] for row in csv.DictReader(file)}
     assert rows[("offline", "0")] == "not applicable here"
     assert rows[("offline kd", "2")] == "ran"
+
+
+def test_a_sweep_without_baseline_jobs_reads_the_baselines_its_runs_stored(tmp_path):
+    """Runs with the default baseline_row: true record the student alone of their seed. Two methods
+    over two seeds share two stored entries: the baseline row has one run per entry, not per job."""
+    alone = {"1": 0.70, "2": 0.74}
+    for num, (method, seed, top1) in enumerate(
+        [("kd", "1", 0.73), ("kd", "2", 0.76), ("at", "1", 0.71), ("at", "2", 0.75)]
+    ):
+        results = {
+            "mode": "offline",
+            "knowledge": [method],
+            "baseline": {"source": "store", "path": f"/store/lightnn-{seed}/teacher.pt", "key": seed},
+            "metrics": {"test/student/top1": top1, "test/baseline/top1": alone[seed]},
+        }
+        _job(tmp_path / "runs" / str(num), [f"knowledge={method}", f"seed={seed}"], results)
+    proc = _summarize(tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "runs" / "summary.csv").open())}
+    assert list(rows) == ["baseline (student alone)", "offline at", "offline kd"]
+    assert rows["baseline (student alone)"]["n"] == "2"
+    assert float(rows["baseline (student alone)"]["student top-1 mean"]) == pytest.approx(0.72)
+    # kd: +0.03 and +0.02 over the same seeds' entries
+    assert float(rows["offline kd"]["paired gain"]) == pytest.approx(0.025)
+    assert rows["offline kd"]["paired seeds"] == "2"
+    assert float(rows["offline at"]["gain"]) == pytest.approx(0.73 - 0.72)
