@@ -44,6 +44,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig
 
 from kdlab.errors import KdlabError
+from kdlab.models.timm_models import register_choices
 from kdlab.resume import finished_run, resumes_in_place
 
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -83,6 +84,7 @@ def preflight(
     args = _parse_args(tokens)
     if args is None:  # not a command line Hydra accepts: Hydra says why
         return [argv[0], *tokens]
+    register_choices(args.overrides)  # `model@student=timm/<name>`: a group option made on demand
     rewritten = [_teacher_override(line) for line in args.overrides]
     if verbose:
         rewritten.append("verbose=true")

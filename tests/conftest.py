@@ -22,6 +22,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from kdlab.models.timm_models import register_choices
+
 # pytest-xdist runs the suite in parallel processes (pyproject.toml's addopts). Each gets its share
 # of the cores, and so do the kdlab processes a test starts (they inherit OMP_NUM_THREADS): more
 # threads than cores make every process of a 2-core machine wait on the others.
@@ -75,6 +77,7 @@ def fast_overrides(tmp_path: Path, batches: int = 3, teacher_store: Path | None 
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
+    register_choices(overrides)  # as the command line does (kdlab/cli.py): `model@student=timm/<name>`
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="run", overrides=overrides)
 

@@ -44,6 +44,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
 
+from kdlab.models.timm_models import register_choices
 from tests.conftest import CONF, ROOT, cli_overrides, compose_config, run_main, sweep_overrides
 
 README = ROOT / "README.md"
@@ -187,6 +188,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 def composed(overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The job config of `overrides` and Hydra's choice of option in each config group."""
+    register_choices(overrides)  # `model@student=timm/<name>`, as the command line does (kdlab/cli.py)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="run", overrides=overrides, return_hydra_config=True)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)

@@ -3,7 +3,8 @@
 kdlab's own models register themselves with `@register_model("name")`; their constructors
 take `(num_classes=..., in_channels=..., input_size=...)`. Any torchvision classification
 model is reachable as `torchvision/<name>` and is built by `torchvision.models.get_model`
-(see https://pytorch.org/vision/stable/models.html#general-information-on-pre-trained-weights).
+(see https://pytorch.org/vision/stable/models.html#general-information-on-pre-trained-weights),
+and any timm model as `timm/<name>` (kdlab/models/timm_models.py).
 `create_model` is the single entry point the Hydra configs in `conf/model/` call.
 
 A model of your own needs no change to kdlab: name its constructor by import path
@@ -25,8 +26,10 @@ from torch import nn
 from kdlab.errors import KdlabError
 from kdlab.models.checkpoint import load_weights
 from kdlab.models.preact import add_residual_preact_points
+from kdlab.models.timm_models import TIMM_PREFIX, create_timm
 
 TORCHVISION_PREFIX = "torchvision/"
+RESERVED_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -40,10 +43,10 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
                 f"A model named '{name}' is already registered (by {_REGISTRY[name].__qualname__}). "
                 "Model names must be unique: register the new model under a different name."
             )
-        if name.startswith(TORCHVISION_PREFIX):
+        if name.startswith(RESERVED_PREFIXES):
             raise KdlabError(
-                f"Cannot register '{name}': names starting with '{TORCHVISION_PREFIX}' are reserved for "
-                "torchvision models. Register the model under a name without that prefix."
+                f"Cannot register '{name}': names starting with {' or '.join(RESERVED_PREFIXES)} are "
+                "reserved for torchvision and timm models. Register the model under another name."
             )
         _REGISTRY[name] = constructor
         return constructor
@@ -64,11 +67,15 @@ def create_model(
     checkpoint: str | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build model `name` (a registered kdlab name or `torchvision/<name>`), optionally loading weights.
+    """Build model `name` (a registered kdlab name, `torchvision/<name>` or `timm/<name>`), optionally
+    loading weights.
 
-    `kwargs` go to the constructor unchanged (e.g. `weights=` for torchvision models).
+    `kwargs` go to the constructor unchanged (e.g. `weights=` for torchvision models, `pretrained=`
+    and timm's own options such as `depth=` for timm models).
     """
-    if name.startswith(TORCHVISION_PREFIX):
+    if name.startswith(TIMM_PREFIX):
+        model = create_timm(name[len(TIMM_PREFIX) :], num_classes, in_channels, input_size, **kwargs)
+    elif name.startswith(TORCHVISION_PREFIX):
         model = _create_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels, kwargs)
     else:
         model = _create_kdlab(name, num_classes, in_channels, input_size, kwargs)
