@@ -179,9 +179,10 @@ def test_bad_settings_and_a_missing_context_are_explained():
     with pytest.raises(KdlabError, match=r"knowledge\.reviewkd \(ReviewKD\) ramps its loss .* no context"):
         loss(student, source, {})
     tokens = ReviewKD(student_layers=["a"], teacher_layers=["b"])
-    with pytest.raises(KdlabError, match=r"student's layer 'a' gives shape \(2, 5, 8\)"):
+    # Tokens that are no patch grid (kdlab/knowledge/layouts.py; a grid would become a map).
+    with pytest.raises(KdlabError, match=r"The student's 'a' is a sequence of 7 tokens of width 8"):
         tokens.build(
-            Outputs(torch.zeros(2, 3), {"a": torch.zeros(2, 5, 8)}),
+            Outputs(torch.zeros(2, 3), {"a": torch.zeros(2, 7, 8)}),
             Outputs(torch.zeros(2, 3), {"b": torch.zeros(2, 4, 2, 2)}),
         )
 

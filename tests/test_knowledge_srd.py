@@ -224,7 +224,8 @@ def test_bad_settings_and_pairs_it_cannot_handle_are_explained():
             **common(),
         )
     # A 3-D feature is neither an embedding nor a map.
-    with pytest.raises(KdlabError, match=r"student's layer 'a' gives shape \(2, 3, 4\)"):
+    # Tokens that are no patch grid (kdlab/knowledge/layouts.py; a grid would become a map).
+    with pytest.raises(KdlabError, match=r"The student's 'a' is a sequence of 3 tokens of width 4"):
         built(
             torch.zeros(2, 3, 4, dtype=torch.float64),
             torch.zeros(2, 2, dtype=torch.float64),
