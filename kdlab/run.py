@@ -1,8 +1,9 @@
 """The entry point: `python -m kdlab.run mode=offline knowledge=response ...`.
 
 Builds everything from the composed Hydra config (conf/run.yaml), obtains a teacher when
-the scheme needs one, fits, tests, prints the results table, writes `metrics.json` in the
-run directory, and returns the metric a sweep optimises (`optimized_metric`).
+the scheme needs one, fits, tests, measures what each model costs to deploy (kdlab.efficiency),
+prints the results table, writes `metrics.json` in the run directory, and returns the metric a
+sweep optimises (`optimized_metric`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kdlab.build import (
 )
 from kdlab.cli import command_line
 from kdlab.cuda_probe import drop_failing_nvml_probe
+from kdlab.efficiency import measure_models, ratio_line
 from kdlab.errors import KdlabError
 from kdlab.knowledge import views_of
 from kdlab.loggers import build_loggers, finish_loggers
@@ -178,7 +180,9 @@ def _train(
         architectures["baseline"] = cfg.student.name
         before, rest = list(models)[:-1], list(models)[-1:]  # the student is the scheme's last model
         models = {**{k: models[k] for k in before}, "baseline": baseline[0], **{k: models[k] for k in rest}}
-    rows = model_rows(models, architectures, metrics, extra)
+    # What each network costs to deploy, on the device it was tested on; one process measures.
+    efficiency = _efficiency(cfg, models, trainer.strategy.root_device) if trainer.is_global_zero else None
+    rows = model_rows(models, architectures, metrics, extra, efficiency)
     results = {
         "run_dir": str(output_dir),
         "mode": scheme.name,
@@ -188,6 +192,7 @@ def _train(
         "checkpoint": best or None,
         "student_weights": str(student_file),
         "models": rows,
+        "efficiency": efficiency,
         "stages": stages,
         "wall_time_s": round(wall_time, 1),
         "metrics": metrics,
@@ -198,8 +203,9 @@ def _train(
         write_metrics(output_dir / "metrics.json", results)
         log_table(loggers, rows)
         stage_table = f"\n{format_stages(stages)}\n" if stages else ""
-        gain = gain_line(metrics) if baseline else None
-        table = f"{format_table(rows)}\n\n{gain}" if gain else format_table(rows)
+        # Under the table: what the student buys over its teacher, and what it gains over the student alone.
+        notes = "\n".join(n for n in (ratio_line(efficiency), gain_line(metrics) if baseline else None) if n)
+        table = format_table(rows, cfg.data.batch_size) + (f"\n\n{notes}" if notes else "")
         print(
             f"{stage_table}\n{table}\n\nRun directory: {output_dir}\nMetrics: {output_dir / 'metrics.json'}"
         )
@@ -210,6 +216,18 @@ def _train(
             f"to one of: {', '.join(sorted(metrics))}."
         )
     return results
+
+
+def _efficiency(cfg: DictConfig, models: dict, device: torch.device) -> dict[str, Any] | None:
+    """kdlab.efficiency's record of the models on inputs of the data's shape, at batch 1 and at the
+    training batch size. A model it cannot measure costs the run its figures, not its results."""
+    data = cfg.data
+    try:
+        shape = (data.in_channels, data.input_size, data.input_size)
+        return measure_models(models, shape, data.batch_size, device)
+    except Exception as error:  # noqa: BLE001 (the run's results are written whatever went wrong here)
+        log.warning("Could not measure the models' FLOPs, latency and size: %s", error)
+        return None
 
 
 def _floats(metrics: dict) -> dict[str, float]:

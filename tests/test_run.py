@@ -38,6 +38,10 @@ def test_offline_run_reports_both_models_and_writes_metrics(offline_run):
     for row in rows.values():
         assert 0.0 <= row["test top-1"] <= 1.0
     assert 0.0 <= rows["student"]["agreement"] <= 1.0 and rows["student"]["KL to teacher"] >= 0
+    for row in rows.values():  # what each costs to deploy (kdlab.efficiency)
+        for column in ("FLOPs", "weights MB", "ms @ 1", "ms @ batch"):
+            assert row[column] > 0, (row["model"], column)
+    assert rows["teacher"]["FLOPs"] > rows["student"]["FLOPs"]
     assert results["teacher"]["source"] == "trained"
     assert results["optimized_metric"]["name"] == "val/student/top1"
     assert results["optimized_metric"]["value"] == results["metrics"]["val/student/top1"]
@@ -45,6 +49,12 @@ def test_offline_run_reports_both_models_and_writes_metrics(offline_run):
         assert term in results["metrics"], term
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written["models"] == json.loads(json.dumps(results["models"]))
+    efficiency = written["efficiency"]
+    assert efficiency["input_shape"] == [1, 28, 28] and efficiency["batch_size"] == 32
+    teacher, student = efficiency["models"]["teacher"], efficiency["models"]["student"]
+    assert student["params"] == rows["student"]["params"] and student["flops"] == rows["student"]["FLOPs"]
+    for key, ratio in efficiency["ratio"].items():
+        assert ratio == pytest.approx(student[key] / teacher[key]), key
     logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/kd_epoch" in logged and "test/student/agreement" in logged
 
@@ -129,6 +139,8 @@ def test_unknown_optimized_metric_keeps_the_results(tmp_path, fashion_mnist):
 def test_cli_job_prints_the_table(cli_wandb_job):
     proc, run_dir = cli_wandb_job
     assert "| teacher" in proc.stdout and "| student" in proc.stdout and "agreement" in proc.stdout
+    assert "| FLOPs" in proc.stdout and "| ms @ 32 |" in proc.stdout
+    assert "Student / teacher: " in proc.stdout and "x FLOPs" in proc.stdout
     assert f"Run directory: {run_dir}" in proc.stdout
     results = json.loads((run_dir / "metrics.json").read_text())
     assert results["run_dir"] == str(run_dir)
