@@ -35,8 +35,15 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def build_model(node: DictConfig, **overrides: Any) -> nn.Module:
-    """A model from a `model/` config node (`teacher` or `student`)."""
+    """A model from a `model/` config node (`teacher` or `student`), its errors naming that node."""
+    key = node._key() if isinstance(node, DictConfig) else None
+    if key is not None and "config_key" not in overrides and _builds_kdlab_model(node):
+        overrides["config_key"] = str(key)
     return instantiate(node, **overrides)
+
+
+def _builds_kdlab_model(node: DictConfig) -> bool:
+    return node.get("_target_") in ("kdlab.models.create_model", "kdlab.models.registry.create_model")
 
 
 def build_knowledge(cfg: DictConfig) -> dict[str, nn.Module]:

@@ -11,7 +11,9 @@ not only its accuracy (kdlab/run.py puts these figures in the results table and 
 - weights: the bytes of the model's state_dict as `torch.save` writes it.
 
 Each model is measured as it would be deployed: a copy without the forward hooks kdlab's feature
-taps register, without a `torch.compile` wrapper, and in the default (contiguous) memory format.
+taps register, without a `torch.compile` wrapper, and in the default (contiguous) memory format. A
+model with an input of its own (kdlab/models/inputs.py) keeps its conversion: it is measured on the
+data's images, and its FLOPs are those of the network at its own size.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ def deployed_copy(model: nn.Module, device: torch.device | str = "cpu") -> nn.Mo
     """A copy of `model` on `device` in eval mode, as a user would load it: no forward hooks (the
     originals keep theirs), no `torch.compile` wrapper, contiguous weights. `model` is left as it was."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
-    # deepcopy takes what `memo` already holds as the copy: empty hook dicts, and the hooks' objects
-    # (a tap and the features it last stored) are never copied.
+    # deepcopy takes what `memo` already holds as the copy: hook dicts holding only the hooks that are
+    # part of the model (its input conversion, kdlab/models/inputs.py), so the taps' hooks and the
+    # features they last stored are never copied.
     memo: dict[int, Any] = {
-        id(hooks): OrderedDict()
+        id(hooks): OrderedDict((k, h) for k, h in hooks.items() if getattr(h, "part_of_model", False))
         for module in model.modules()
         for hooks in (getattr(module, name, None) for name in _HOOK_DICTS)
         if hooks is not None

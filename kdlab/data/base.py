@@ -97,6 +97,8 @@ class ImageClassificationDataModule(LightningDataModule):
         num_classes: int | None = None,
         in_channels: int | None = None,
         input_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -126,6 +128,9 @@ class ImageClassificationDataModule(LightningDataModule):
         given = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
         for arg in _SHAPE_ARGS:
             setattr(self, arg, self._resolve_shape_arg(arg, given[arg]))
+        # The statistics inputs are normalised with: the dataset's own unless the config gives others.
+        self.mean = self._resolve_statistic("mean", mean)
+        self.std = self._resolve_statistic("std", std)
 
         self.augmentation = as_transform_list(train_transforms, self.default_augmentation())
         # With augmentation switched off, train inputs still need the eval geometry (e.g. one
@@ -400,6 +405,21 @@ class ImageClassificationDataModule(LightningDataModule):
                 f"data.{arg}={resolved!r} must be a positive integer; set data.{arg} in the data config."
             )
         return resolved
+
+    def _resolve_statistic(self, name: str, value: Sequence[float] | None) -> tuple[float, ...]:
+        if value is None:
+            return tuple(getattr(type(self), name))
+        try:
+            values = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            values = ()
+        if len(values) != self.in_channels or (name == "std" and min(values) <= 0):
+            raise KdlabError(
+                f"data.{name}={value!r} must be {self.in_channels} {'positive ' if name == 'std' else ''}"
+                f"number(s), one per channel of the {self.name} images; {self.name}'s own are "
+                f"data.{name}={list(getattr(type(self), name))} (set it back, or leave it out)."
+            )
+        return values
 
     def _check_labels(self, targets: torch.Tensor, split: str) -> None:
         if len(targets) and (targets.min() < 0 or targets.max() >= self.num_classes):

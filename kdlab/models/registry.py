@@ -17,7 +17,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -25,6 +26,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.models.checkpoint import load_weights
+from kdlab.models.inputs import attach_input_conversion, model_input
 from kdlab.models.preact import add_residual_preact_points
 from kdlab.models.timm_models import TIMM_PREFIX, create_timm
 
@@ -65,14 +67,24 @@ def create_model(
     in_channels: int = 3,
     input_size: int = 32,
     checkpoint: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    data_input: Mapping[str, Any] | None = None,
+    config_key: str = "model",
     **kwargs,
 ) -> nn.Module:
     """Build model `name` (a registered kdlab name, `torchvision/<name>` or `timm/<name>`), optionally
     loading weights.
 
-    `kwargs` go to the constructor unchanged (e.g. `weights=` for torchvision models, `pretrained=`
-    and timm's own options such as `depth=` for timm models).
+    `in_channels`, `input_size`, `mean` and `std` are the model's own input (null statistics: the
+    data's). Given `data_input`, the data's (`in_channels`, `input_size`, `mean`, `std`), a model whose
+    input differs converts each batch to its own (kdlab/models/inputs.py). `config_key` is the config
+    node the model comes from ("teacher", "student"), named in errors. `kwargs` go to the constructor
+    unchanged (e.g. `weights=` for torchvision models, `pretrained=` and timm's own options such as
+    `depth=` for timm models).
     """
+    # Checked before building: a bad setting costs no model construction (or download).
+    conversion = model_input(in_channels, input_size, mean, std, data_input, config_key)
     if name.startswith(TIMM_PREFIX):
         model = create_timm(name[len(TIMM_PREFIX) :], num_classes, in_channels, input_size, **kwargs)
     elif name.startswith(TORCHVISION_PREFIX):
@@ -81,6 +93,8 @@ def create_model(
         model = _create_kdlab(name, num_classes, in_channels, input_size, kwargs)
     if checkpoint is not None:
         load_weights(model, checkpoint)
+    if conversion is not None:
+        attach_input_conversion(model, conversion)
     return model
 
 
@@ -173,3 +187,6 @@ def gray_to_rgb(module: nn.Module, args: tuple) -> tuple:
         # expand() is a view: no copy of the image data is made.
         return (x.expand(-1, 3, -1, -1), *args[1:])
     return args
+
+
+gray_to_rgb.part_of_model = True  # kdlab.efficiency keeps it on the copy it measures
