@@ -53,6 +53,7 @@ from kdlab.resume import (
     resume_point,
     teacher_identity,
 )
+from kdlab.schemes.base import SEPARATE_HEADS
 from kdlab.stages import format_stages, run_stages
 from kdlab.sweeps import run_or_record_failure
 from kdlab.teacher_cache import cache_callback
@@ -175,6 +176,11 @@ def _train(
     architectures = {"student": scheme.deployed_architecture(cfg.student.name), **sources.architectures}
     # Entries tested without a module of their own (an ensemble, exits) get rows too.
     extra = [name for name in scheme.test_metrics if name not in scheme.models()]
+    # A head tested alone (DeiT's class and distillation heads): "<the model's architecture>, class head".
+    for name in extra:
+        owner, _, head = name.partition("_")
+        if head in SEPARATE_HEADS and owner in architectures:
+            architectures[name] = f"{architectures[owner]}, {head.replace('_', ' ')}"
     models = scheme.models()
     if baseline is not None:  # its row goes just before the student's
         architectures["baseline"] = cfg.student.name

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kdlab.build import build_knowledge
+from kdlab.errors import KdlabError
 from kdlab.models import create_model
 from kdlab.run import train
 from kdlab.schemes import Offline
@@ -127,7 +128,19 @@ def test_every_knowledge_composes_with_the_cifar_experiment_and_keeps_its_recipe
     assert cfg.knowledge == alone.knowledge and cfg.dot == alone.dot
     assert (cfg.teacher.name, cfg.student.name, cfg.data.num_classes) == ("resnet32x4", "resnet8x4", 100)
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.05
-    # Every method builds on the benchmark pair (its adapters from the real shapes at 3x32x32).
+    # Every method builds on the benchmark pair (its adapters from the real shapes at 3x32x32), except
+    # DeiT's, which trains a distillation token the pair's CNN student does not have: refused, saying so.
+    if knowledge in ("deit", "deit_soft"):
+        with pytest.raises(KdlabError, match="it has no distillation token"):
+            Offline(
+                teacher=create_model("resnet32x4", num_classes=100),
+                student=create_model("resnet8x4", num_classes=100),
+                optimizer=partial(torch.optim.SGD, lr=0.05),
+                num_classes=100,
+                input_shape=(3, 32, 32),
+                knowledge=build_knowledge(cfg),
+            )
+        return
     scheme = Offline(
         teacher=create_model("resnet32x4", num_classes=100),
         student=create_model("resnet8x4", num_classes=100),

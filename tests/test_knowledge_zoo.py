@@ -31,13 +31,19 @@ SAME_WIDTH_PAIR = ["model@teacher=resnet14", "model@student=resnet8"]
 # The family defaults (response: kd, feature: fitnet, relation: rkd) train offline through the CLI
 # in tests/test_run.py's every-scheme multirun, which checks what they stand for.
 FAMILY_DEFAULTS = ("response", "feature", "relation")
+# DeiT trains the student's distillation token, which only a distilled ViT has: these get a tiny one
+# here, and train through the CLI with it in tests/test_knowledge_deit_ofa.py and the README's commands.
+DISTILLATION_TOKEN = ("deit", "deit_soft")
+TINY_DISTILLED_DEIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 4}
 
 
 def scheme_for(name: str, tmp_path) -> Offline:
     cfg = compose_config([*fast_overrides(tmp_path), f"knowledge={name}", *SAME_WIDTH_PAIR])
     return Offline(
         teacher=create_model("resnet14", num_classes=10, in_channels=1, input_size=28),
-        student=create_model("resnet8", num_classes=10, in_channels=1, input_size=28),
+        student=create_model("resnet8", num_classes=10, in_channels=1, input_size=28)
+        if name not in DISTILLATION_TOKEN
+        else create_model("timm/deit_tiny_distilled_patch16_224", 10, 1, 28, **TINY_DISTILLED_DEIT),
         optimizer=partial(torch.optim.SGD, lr=0.1),
         num_classes=10,
         input_shape=(1, 28, 28),
@@ -83,7 +89,7 @@ def test_composed_knowledge_trains_with_each_term_logged(combo, tmp_path, fashio
 
 
 def test_every_knowledge_config_trains_offline_through_the_cli(tmp_path, fashion_mnist, teacher_store):
-    names = [name for name in KNOWLEDGE if name not in FAMILY_DEFAULTS]
+    names = [name for name in KNOWLEDGE if name not in FAMILY_DEFAULTS + DISTILLATION_TOKEN]
     sweep = tmp_path / "sweep"
     # Each knowledge config as it is (CRD with its 16384 negatives, AB's and FT's stages too), on a
     # pair of CIFAR ResNets, which have what every method reads: stages of equal widths (FSP, L2),

@@ -157,6 +157,11 @@ class Knowledge(nn.Module):
         bound.student_layers, bound.teacher_layers = tuple(student_layers), tuple(teacher_layers)
         return bound
 
+    def check_model(self, model: nn.Module, side: str, role: str) -> None:
+        """Raise a KdlabError that says what to use when `model` cannot be this loss's `side` ("student"
+        or "teacher"; `role` is its name in the run), before its layers are tapped. Most losses read
+        what any model has, and check nothing."""
+
     def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
         """Create adapters from real output shapes; called once before training."""
 

@@ -140,6 +140,10 @@ def tap_points(model: nn.Module) -> dict[str, str]:
     paths = [path for path, module in model.named_modules() if module is classifier and path]
     if paths and isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
         points["embedding"] = f"{paths[0]}:input"
+    # DeiT's distilled ViTs: a class token and a distillation token, each with its own head, whose
+    # logits the model averages (knowledge=deit trains them apart; the report shows each).
+    if isinstance(getattr(model, "head_dist", None), nn.Linear) and isinstance(model.head, nn.Linear):
+        points.update({"class_head": "head", "distillation_head": "head_dist", "embedding": "head:input"})
     return points
 
 

@@ -28,9 +28,13 @@ from kdlab.errors import KdlabError
 from kdlab.heads import classifier_of
 from kdlab.knowledge import Knowledge, LossContext
 from kdlab.optim import DOT
+from kdlab.taps import FeatureTap
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+# Tap points of a model that averages several heads' logits (timm's distilled DeiTs): each is tested too.
+SEPARATE_HEADS = ("class_head", "distillation_head")
 
 
 def fraction_correct(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
@@ -200,6 +204,8 @@ class Scheme(L.LightningModule):
         self.example_input_array = torch.zeros(2, *input_shape)
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
+        # Models tested per head as well, by name: (the model, a tap on its heads); add_head_metrics.
+        self._head_taps: dict[str, tuple[nn.Module, FeatureTap]] = {}
         # This epoch's training terms, a row per step on the device; see log_terms and check_finite.
         self._step_terms: StepTerms | None = None
 
@@ -397,13 +403,34 @@ class Scheme(L.LightningModule):
         )
 
     # -------------------------------------------------------------------- evaluation
+    def add_head_metrics(self, name: str, model: nn.Module) -> None:
+        """Test a model that averages several heads' logits (DeiT's class and distillation heads, timm's
+        `class_head` and `distillation_head` tap points) per head too, as the rows `<name>_<head>`;
+        its own row is their average, as it is deployed. Read from the same forward pass."""
+        heads = [head for head in SEPARATE_HEADS if head in getattr(model, "tap_points", {})]
+        if len(heads) < 2:
+            return
+        self._head_taps[name] = (model, FeatureTap(model, heads, role=name))
+        for head in heads:
+            self.add_metrics(f"{name}_{head}", validate=False)
+
     def evaluate(self, stage: str, models: Mapping[str, nn.Module], batch: Mapping[str, Tensor]) -> dict:
-        """Update and log each model's `stage` metrics; return the logits for subclasses."""
-        logits = {name: model(batch["input"]) for name, model in models.items()}
+        """Update and log each model's `stage` metrics (and its heads', see `add_head_metrics`); return
+        the models' logits for subclasses."""
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        for name, out in logits.items():
-            metrics[name].update(out, batch["target"])
-            self.log_dict(metrics[name], on_epoch=True, prog_bar=stage == "val")
+        logits, heads = {}, {}
+        for name, model in models.items():
+            tapped = self._head_taps.get(name)
+            if tapped is not None and tapped[0] is model:
+                out = tapped[1](batch["input"])
+                logits[name] = out.logits
+                heads.update({f"{name}_{head}": value for head, value in out.feats.items()})
+            else:
+                logits[name] = model(batch["input"])
+        for name, out in {**logits, **heads}.items():
+            if name in metrics:
+                metrics[name].update(out, batch["target"])
+                self.log_dict(metrics[name], on_epoch=True, prog_bar=stage == "val")
         return logits
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -79,8 +79,9 @@ class Online(Scheme):
         self.taps = {
             name: FeatureTap(peer, self._layers_of(name), role=name) for name, peer in self.peers.items()
         }
-        for name in self.peers:
+        for name, peer in self.peers.items():
             self.add_metrics(name)
+            self.add_head_metrics(name, peer)
         self.add_metrics(ENSEMBLE)
         self.prepare()
 
@@ -94,6 +95,9 @@ class Online(Scheme):
         for source in self._sources_of(learner):
             terms = nn.ModuleDict()
             for name, template in self.templates.items():
+                template.check_model(self.peers[learner], "student", learner)
+                if source != ENSEMBLE:
+                    template.check_model(self.peers[source], "teacher", source)
                 student_layers = expand_layers(self.peers[learner], template.student_layers, learner)
                 if source == ENSEMBLE:
                     if template.teacher_layers:

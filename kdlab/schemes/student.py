@@ -38,6 +38,7 @@ class StudentScheme(Scheme):
         self.extra_views = views_of(self.templates.values())
         self.student_tap = self.tap(student, "student", model_name)
         self.add_metrics(model_name)
+        self.add_head_metrics(model_name, student)
 
     def tap(self, model: nn.Module, side: str, role: str) -> FeatureTap:
         """A tap on `model` for the layers the knowledge terms read on `side` (student/teacher).
@@ -46,6 +47,7 @@ class StudentScheme(Scheme):
         is rebound to the expanded names (`Knowledge.with_layers`), so it finds them in `Outputs.feats`.
         """
         for name, term in self.knowledge.items():
+            term.check_model(model, side, role)
             student_layers, teacher_layers = term.student_layers, term.teacher_layers
             if side == "student":
                 student_layers = expand_layers(model, student_layers, role)
