@@ -25,6 +25,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "== Installing kdlab into .venv (torch from constraints.txt)"
 # The filter only trims noise; with pipefail a pip failure still stops the script.
-.venv/bin/python -m pip install --disable-pip-version-check -c constraints.txt -e ".[dev,sweep,slurm,export]" 2>&1 \
+.venv/bin/python -m pip install --disable-pip-version-check -c constraints.txt -e ".[dev,sweep,slurm,export,lm]" 2>&1 \
   | { grep -v -e "^Requirement already satisfied" -e "is ignored: it is neither a file nor a directory" || true; }
 .venv/bin/python -c "import kdlab, torch, lightning, hydra; print('kdlab ready: torch', torch.__version__)"
