@@ -234,6 +234,19 @@ def test_ofa_builds_a_branch_per_layout_from_the_real_shapes():
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
+def test_ofa_width_is_the_authors_max_the_students_or_a_number():
+    from kdlab.taps import Outputs
+
+    student = Outputs(torch.randn(2, 10), {"s": torch.randn(2, 5, 16)}, model=None)
+    teacher = Outputs(torch.randn(2, 10), {"embedding": torch.randn(2, 48)})
+    for width, expected in (("auto", 48), ("student", 16), (24, 24)):
+        ofa = OFA(student_layers=["s"], width=width)
+        ofa.build(student, teacher)
+        assert ofa.branches[0].classifier.in_features == expected, width
+    with pytest.raises(KdlabError, match=r"knowledge.ofa.width='wide'"):
+        OFA(width="wide")
+
+
 def test_bad_ofa_settings_name_the_key():
     with pytest.raises(KdlabError, match=r"knowledge.ofa.eps has 2 values.* give one value, or 3"):
         OFA(eps=[1.0, 1.5], student_layers=["a", "b"]).stage_eps()

@@ -195,3 +195,16 @@ def test_the_efficiency_of_a_teacher_at_its_own_input_is_that_of_the_network_at_
     assert costs["teacher"]["flops"] == flops_per_image(bare, (3, 40, 40))
     assert costs["student"]["flops"] == flops_per_image(create_model("lightnn", 10, 1, 28), (1, 28, 28))
     assert results["efficiency"]["input_shape"] == [1, 28, 28]  # both measured on the data's images
+
+
+def test_the_measured_copy_keeps_the_models_own_input_hooks_and_drops_the_taps():
+    from kdlab.efficiency import deployed_copy
+    from kdlab.taps import FeatureTap
+
+    gray = create_model("torchvision/resnet18", 10, 1, 28)  # gray_to_rgb: part of the model
+    FeatureTap(gray, ["layer1"])
+    copy = deployed_copy(gray)
+    assert len(copy._forward_pre_hooks) == 1 and not copy.layer1._forward_hooks
+    assert copy(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+    teacher = create_model("deepnn", 10, 3, 40, **IMAGENET, data_input=FASHION)
+    assert deployed_copy(teacher)(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -22,8 +22,10 @@ The branches (the authors' design, for a stage at depth i of n, built from the r
   class token (or the tokens' mean where there is no prefix token) and a linear classifier;
 - a vector [B, C] (an MLP layer): a two-layer MLP to the logits.
 The branch width is the larger of the student's last-stage width and the teacher's embedding width,
-as the authors have it. The student's own logits get the same loss (`logits_weight`), and its
-branches are dropped at deployment: they only train.
+as the authors have it (`width: auto`). A branch of transformer blocks at a wide teacher's width costs
+far more than the small student it trains (a 64-wide ViT under a 512-wide teacher: blocks 64 times
+its own); `width: student` keeps the student's width, and a number sets it. The student's own logits
+get the same loss (`logits_weight`), and the branches are dropped at deployment: they only train.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class OFA(Knowledge):
         weight: float = 1.0,
         task_weight: float = 1.0,
         max_stages: int = 4,
+        width: int | str = "auto",
         student_layers: tuple[str, ...] | list[str] = ("stages",),
         teacher_layers: tuple[str, ...] | list[str] = ("embedding",),
         name: str | None = None,
@@ -127,6 +130,16 @@ class OFA(Knowledge):
                 f"project 4 stages), e.g. knowledge.{self.name}.max_stages=4."
             )
         self.max_stages = max_stages
+        valid_width = width in ("auto", "student") or (
+            isinstance(width, int) and not isinstance(width, bool) and width >= 1
+        )
+        if not valid_width:
+            raise KdlabError(
+                f"knowledge.{self.name}.width={width!r}: use auto (the authors' max of the student's last "
+                "width and the teacher's embedding width), student (the student's last width: branches as "
+                "cheap as the student's own blocks), or a number of channels, e.g. 256."
+            )
+        self.width = width
         values = list(eps) if hasattr(eps, "__iter__") and not isinstance(eps, str) else [eps]
         self.eps = [checked_number(v, self.name, "eps", 1.0) for v in values]
         self.temperature = checked_number(
@@ -172,7 +185,9 @@ class OFA(Knowledge):
             )
         feats = [student.feats[layer] for layer in self.student_layers]
         width = width_of(feats[-1])
-        if self.teacher_layers:
+        if isinstance(self.width, int):
+            width = self.width
+        elif self.width == "auto" and self.teacher_layers:
             width = max(width, width_of(source.feats[self.teacher_layers[0]]))
         num_classes = student.logits.shape[1]
         prefix = prefix_tokens(student.model) or 0
