@@ -36,6 +36,7 @@ from kdlab.data.base import EpochShuffle, run_seed
 from kdlab.errors import KdlabError
 
 FORTUNES = Path("/usr/share/games/fortunes")
+# Hugging Face's label for a position that does not count (padding, a prompt token); the losses read it too.
 IGNORE_INDEX = -100
 BYTE_VOCAB = 256
 TOKENIZERS = ("bytes", "bpe")

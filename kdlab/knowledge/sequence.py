@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdlab.data.text import IGNORE_INDEX
 from kdlab.errors import KdlabError
 from kdlab.knowledge.base import Knowledge, LossContext, checked_number
 from kdlab.taps import Outputs
 
-IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 
 
