@@ -91,7 +91,15 @@ def test_baseline(cfg: DictConfig, datamodule: L.LightningDataModule, model: nn.
 
 
 def gain_line(metrics: dict[str, float], student: str = "student") -> str | None:
-    """One sentence under the table: the distilled student's top-1 minus the baseline's, in points."""
+    """One sentence under the table: the distilled student's top-1 minus the baseline's, in points (for a
+    language model: its perplexity against the baseline's)."""
+    distilled, alone = metrics.get(f"test/{student}/perplexity"), metrics.get(f"test/{NAME}/perplexity")
+    if distilled is not None and alone is not None:
+        return (
+            f"Against the student alone (same data, budget and seed): test perplexity {distilled:.3f} vs "
+            f"{alone:.3f} ({100 * (distilled / alone - 1):+.2f}%; lower is better). One seed is not "
+            "evidence: compare over seeds (scripts/summarize.py)."
+        )
     distilled, alone = metrics.get(f"test/{student}/top1"), metrics.get(f"test/{NAME}/top1")
     if distilled is None or alone is None:
         return None

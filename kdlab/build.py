@@ -19,6 +19,7 @@ from torch import nn
 
 from kdlab.errors import KdlabError
 from kdlab.optim import DOT
+from kdlab.tasks import task_of
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -34,6 +35,14 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         raise
 
 
+# kdlab's model builders take `config_key`, the node's name, so their errors name the keys to set.
+MODEL_BUILDERS = (
+    "kdlab.models.create_model",
+    "kdlab.models.registry.create_model",
+    "kdlab.models.hf_lm.create_causal_lm",
+)
+
+
 def build_model(node: DictConfig, **overrides: Any) -> nn.Module:
     """A model from a `model/` config node (`teacher` or `student`), its errors naming that node."""
     key = node._key() if isinstance(node, DictConfig) else None
@@ -43,7 +52,7 @@ def build_model(node: DictConfig, **overrides: Any) -> nn.Module:
 
 
 def _builds_kdlab_model(node: DictConfig) -> bool:
-    return node.get("_target_") in ("kdlab.models.create_model", "kdlab.models.registry.create_model")
+    return node.get("_target_") in MODEL_BUILDERS
 
 
 def build_knowledge(cfg: DictConfig) -> dict[str, nn.Module]:
@@ -167,6 +176,7 @@ def build_scheme(
         knowledge=knowledge,
         num_classes=datamodule.num_classes,
         input_shape=tuple(datamodule.input_shape),
+        task=task_of(datamodule),
         num_samples=datamodule.train_split_size,
         **optimisation(cfg, optimizer_overrides, dot),
         **dict(sources or {}),

@@ -25,8 +25,9 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, open_dict
 
-# Loggers whose INFO records are run.log material (their warnings still reach the console).
-QUIET_LOGGERS = ("lightning", "pytorch_lightning")
+# Loggers whose INFO records are run.log material (their warnings still reach the console): Lightning's,
+# and the language models' samples (also in the run directory's samples.md).
+QUIET_LOGGERS = ("lightning", "pytorch_lightning", "kdlab.generation")
 MODEL_SUMMARY = "lightning.pytorch.callbacks.ModelSummary"
 
 

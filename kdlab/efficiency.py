@@ -2,9 +2,9 @@
 
 Distillation users deploy the student, so a run reports what the student buys over its teacher,
 not only its accuracy (kdlab/run.py puts these figures in the results table and metrics.json):
-- FLOPs of one forward pass on one image, counted by `torch.utils.flop_counter.FlopCounterMode`,
-  which counts a multiply-add as 2 FLOPs (a Linear(n, m) on one input is 2nm; bias additions,
-  activations and pooling count nothing);
+- FLOPs of one forward pass on one image (for a language model, one window of the data's length),
+  counted by `torch.utils.flop_counter.FlopCounterMode`, which counts a multiply-add as 2 FLOPs (a
+  Linear(n, m) on one input is 2nm; bias additions, activations and pooling count nothing);
 - latency: the median wall time of a few forward passes (5, or 3 for a slow model), after one or two
   warm-up passes, in eval mode under `torch.inference_mode`, in float32, on the given device
   (synchronised on CUDA), with as many CPU threads as the run has;
@@ -55,10 +55,29 @@ def deployed_copy(model: nn.Module, device: torch.device | str = "cpu") -> nn.Mo
     return bare.to(device=device, memory_format=torch.contiguous_format).eval()
 
 
-def flops_per_image(model: nn.Module, input_shape: Sequence[int], device: torch.device | str = "cpu") -> int:
-    """FLOPs of one forward pass of `model` on one input of `input_shape` (C, H, W), a multiply-add
-    counted as 2."""
-    x = torch.zeros((1, *input_shape), device=device)
+def example_inputs(
+    input_shape: Sequence[int], batch_size: int, vocab_size: int | None = None, random: bool = True
+) -> torch.Tensor:
+    """A batch of inputs: images of `input_shape` (C, H, W), or, given `vocab_size`, sequences of token
+    ids of that vocabulary, `input_shape` being (tokens,). Random ones are drawn from a fixed seed."""
+    shape = (batch_size, *input_shape)
+    generator = torch.Generator().manual_seed(0)  # the global RNG is left alone
+    if vocab_size is not None:
+        if not random:
+            return torch.zeros(shape, dtype=torch.int64)
+        return torch.randint(vocab_size, shape, generator=generator)
+    return torch.randn(shape, generator=generator) if random else torch.zeros(shape)
+
+
+def flops_per_image(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    device: torch.device | str = "cpu",
+    vocab_size: int | None = None,
+) -> int:
+    """FLOPs of one forward pass of `model` on one input of `input_shape` (C, H, W; or a sequence of
+    tokens of `vocab_size`), a multiply-add counted as 2."""
+    x = example_inputs(input_shape, 1, vocab_size, random=False).to(device)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
@@ -72,17 +91,18 @@ def latency_ms(
     warmup: int = WARMUP,
     repeats: int = REPEATS,
     budget_s: float = BUDGET_S,
+    vocab_size: int | None = None,
 ) -> float:
     """The median time in milliseconds of a forward pass of `model` on a batch of `batch_size`
-    random inputs of `input_shape`, over `repeats` passes after `warmup` untimed ones.
+    random inputs of `input_shape` (token ids, given `vocab_size`), over `repeats` passes after `warmup`
+    untimed ones.
 
     Once the passes so far took `budget_s` seconds, the rest are skipped, except the first warm-up
     pass and the first 3 timed ones: a teacher that takes a third of a second a batch costs about
     a second, not seven passes' worth.
     """
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(0)  # the global RNG is left alone
-    x = torch.randn((batch_size, *input_shape), generator=generator).to(device)
+    x = example_inputs(input_shape, batch_size, vocab_size).to(device)
     times: list[float] = []
     spent = 0.0
     with torch.inference_mode():
@@ -113,15 +133,19 @@ def weights_bytes(model: nn.Module) -> int:
 
 
 def measure(
-    model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device | str = "cpu"
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    vocab_size: int | None = None,
 ) -> dict[str, float | int]:
-    """One model's figures: parameters, FLOPs per image, latency at batch 1 and `batch_size`, weights."""
+    """One model's figures: parameters, FLOPs per input, latency at batch 1 and `batch_size`, weights."""
     bare = deployed_copy(model, device)
     return {
         "params": sum(p.numel() for p in bare.parameters()),
-        "flops": flops_per_image(bare, input_shape, device),
-        "latency_ms_batch_1": latency_ms(bare, input_shape, 1, device),
-        "latency_ms_training_batch": latency_ms(bare, input_shape, batch_size, device),
+        "flops": flops_per_image(bare, input_shape, device, vocab_size),
+        "latency_ms_batch_1": latency_ms(bare, input_shape, 1, device, vocab_size=vocab_size),
+        "latency_ms_training_batch": latency_ms(bare, input_shape, batch_size, device, vocab_size=vocab_size),
         "weights_bytes": weights_bytes(bare),
     }
 
@@ -133,10 +157,14 @@ def measure_models(
     device: torch.device | str = "cpu",
     student: str = "student",
     teacher: str = "teacher",
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Every model's figures, and the student's divided by the teacher's (`ratio`, None without both):
-    the record metrics.json keeps as `efficiency`."""
-    measured = {name: measure(model, input_shape, batch_size, device) for name, model in models.items()}
+    the record metrics.json keeps as `efficiency`. Language models (`vocab_size`) are measured on
+    sequences of `input_shape` = (tokens,)."""
+    measured = {
+        name: measure(model, input_shape, batch_size, device, vocab_size) for name, model in models.items()
+    }
     ratio = None
     if student in measured and teacher in measured:
         ratio = {key: _ratio(measured[student][key], measured[teacher][key]) for key in measured[student]}

@@ -1,9 +1,10 @@
 """The end of a run: the results table a researcher reads, and `metrics.json` beside it.
 
 One row per model the scheme reports (teacher, student, peers): architecture, parameter
-count, test top-1 (and top-5), for students the agreement with the teacher and the mean KL
-to it, and for each network what it costs to deploy (FLOPs per image, weights in MB, and
-latency in ms at batch 1 and at the training batch size: kdlab.efficiency measures them).
+count, test top-1 (and top-5; for a language model, next-token top-1 and the perplexity), for
+students the agreement with the teacher and the mean KL to it, and for each network what it costs
+to deploy (FLOPs per image, weights in MB, and latency in ms at batch 1 and at the training batch
+size: kdlab.efficiency measures them).
 The same rows go to the console, to `metrics.json` in the run directory, and to every logger
 that can show a table (W&B).
 """
@@ -27,6 +28,7 @@ COLUMNS = (
     "params",
     "test top-1",
     "test top-5",
+    "test ppl",
     "agreement",
     "KL to teacher",
     "FLOPs",
@@ -37,6 +39,7 @@ COLUMNS = (
 _METRIC_OF_COLUMN = {
     "test top-1": "top1",
     "test top-5": "top5",
+    "test ppl": "perplexity",
     "agreement": "agreement",
     "KL to teacher": "kl_to_teacher",
 }

@@ -56,6 +56,7 @@ from kdlab.resume import (
 from kdlab.schemes.base import SEPARATE_HEADS
 from kdlab.stages import format_stages, run_stages
 from kdlab.sweeps import run_or_record_failure
+from kdlab.tasks import LanguageModeling, task_of
 from kdlab.teacher_cache import cache_callback
 from kdlab.teachers import TeacherStore, record_dict
 
@@ -101,6 +102,7 @@ def _train(
     knowledge = build_knowledge(cfg)  # before any teacher training: bad options fail fast
     # The scheme obtains what it learns from: a frozen teacher, generations, fresh peers, or nothing.
     store = TeacherStore(cfg.teacher_training.store)
+    scheme_class(cfg).check_task(task_of(datamodule))  # before any teacher is trained for it
     sources = scheme_class(cfg).sources_for(cfg, datamodule, store)
     # What the distilled student is read against: the student alone, stored like a teacher.
     baseline = student_alone(cfg, datamodule, store) if wants_baseline(cfg, scheme_class(cfg)) else None
@@ -187,7 +189,9 @@ def _train(
         before, rest = list(models)[:-1], list(models)[-1:]  # the student is the scheme's last model
         models = {**{k: models[k] for k in before}, "baseline": baseline[0], **{k: models[k] for k in rest}}
     # What each network costs to deploy, on the device it was tested on; one process measures.
-    efficiency = _efficiency(cfg, models, trainer.strategy.root_device) if trainer.is_global_zero else None
+    efficiency = (
+        _efficiency(cfg, scheme, models, trainer.strategy.root_device) if trainer.is_global_zero else None
+    )
     rows = model_rows(models, architectures, metrics, extra, efficiency)
     results = {
         "run_dir": str(output_dir),
@@ -224,13 +228,15 @@ def _train(
     return results
 
 
-def _efficiency(cfg: DictConfig, models: dict, device: torch.device) -> dict[str, Any] | None:
-    """kdlab.efficiency's record of the models on inputs of the data's shape, at batch 1 and at the
-    training batch size. A model it cannot measure costs the run its figures, not its results."""
-    data = cfg.data
+def _efficiency(cfg: DictConfig, scheme, models: dict, device: torch.device) -> dict[str, Any] | None:
+    """kdlab.efficiency's record of the models on inputs of the data's shape (images, or token windows),
+    at batch 1 and at the training batch size. A model it cannot measure costs the run its figures, not
+    its results."""
+    task = scheme.task
     try:
-        shape = (data.in_channels, data.input_size, data.input_size)
-        return measure_models(models, shape, data.batch_size, device)
+        shape = tuple(task.example_input(1).shape[1:])
+        vocab = task.num_classes if isinstance(task, LanguageModeling) else None
+        return measure_models(models, shape, cfg.data.batch_size, device, vocab_size=vocab)
     except Exception as error:  # noqa: BLE001 (the run's results are written whatever went wrong here)
         log.warning("Could not measure the models' FLOPs, latency and size: %s", error)
         return None

@@ -94,7 +94,15 @@ def stage_aliases(model: nn.Module, suffix: str = "") -> list[str]:
 
 
 # Group names a loss config may use, and the suffix of the tap points each one expands to.
-GROUPS = {"stages": "", "last_stage": "", "stages_preact": "_preact", "last_stage_preact": "_preact"}
+GROUPS = {
+    "stages": "",
+    "last_stage": "",
+    "stages_preact": "_preact",
+    "last_stage_preact": "_preact",
+    # what each block's self-attention reads (a language model's; kdlab.models.hf_lm)
+    "stages_attention_input": "_attention_input",
+    "last_stage_attention_input": "_attention_input",
+}
 
 
 def expand_layers(model: nn.Module, names: Iterable[str], role: str = "model") -> list[str]:
@@ -102,14 +110,16 @@ def expand_layers(model: nn.Module, names: Iterable[str], role: str = "model") -
 
     "stages" is every stage output in order (stage1..stageN) and "last_stage" the deepest, so one
     config (e.g. attention transfer on all stages) fits models of any depth; "stages_preact" and
-    "last_stage_preact" are the same before each stage's final ReLU (kdlab.models.preact).
+    "last_stage_preact" are the same before each stage's final ReLU (kdlab.models.preact);
+    "stages_attention_input" and "last_stage_attention_input" what each block's self-attention reads.
     """
     expanded: list[str] = []
     for name in names:
         if name in GROUPS:
             stages = stage_aliases(model, GROUPS[name])
             if not stages:
-                kind = "pre-activation stage taps" if GROUPS[name] else "named stages"
+                kinds = {"": "named stages", "_preact": "pre-activation stage taps"}
+                kind = kinds.get(GROUPS[name], "self-attention inputs")
                 raise KdlabError(
                     f"The {role} ({type(model).__name__}) has no {kind}, so '{name}' means nothing "
                     f"for it. Name its layers by module path instead, e.g. "
@@ -146,8 +156,9 @@ class FeatureTap:
             else:
                 self._handles.append(module.register_forward_hook(partial(self._store, name)))
 
-    def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self._feats[name] = output
+    def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+        # A block that returns (hidden states, attention weights, ...), as some transformers layers do.
+        self._feats[name] = output[0] if isinstance(output, tuple) else output
 
     def _store_input(self, name: str, inplace: bool, module: nn.Module, args: tuple) -> None:
         self._feats[name] = args[0].clone() if inplace else args[0]

@@ -191,6 +191,14 @@ class TeacherStore:
         return teacher, generations, record
 
 
+def selection_metric(cfg: DictConfig) -> tuple[str, str]:
+    """What a run's best epoch is chosen by, as (metric, mode): the metric of callbacks.model_checkpoint's
+    monitor (val/student/top1, max; val/student/perplexity, min with task=lm), else top-1."""
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    monitor = node.get("monitor") or "val/student/top1"
+    return str(monitor).rsplit("/", 1)[-1], str(node.get("mode", "max"))
+
+
 def refuse_nonfinite(state_dict: dict[str, torch.Tensor], model: str) -> None:
     """Raise a KdlabError if any floating-point tensor of `state_dict` holds NaN or infinity."""
     bad = [
@@ -219,7 +227,8 @@ def train_teacher(
 
     Alone (the baseline scheme), or, given a frozen `source`, distilled from it with the
     configured knowledge (a Born-Again generation). `name` labels its metrics. The weights are the
-    last epoch's, or with `best_on_validation` the epoch's with the best validation top-1, which is
+    last epoch's, or with `best_on_validation` the epoch's with the best validation top-1 (or what the
+    run selects by: `selection_metric`), which is
     what a run reports (its test uses the checkpoint callback's best): a stored baseline is compared
     with a run's student on the same footing.
     """
@@ -248,8 +257,9 @@ def train_teacher(
     # Seeded per epoch as a run is: a stored baseline is then the mode=baseline run of its seed.
     callbacks: list[L.Callback] = [EpochSeed(seed)]
     if best_on_validation:
+        metric, mode = selection_metric(cfg)
         best = ModelCheckpoint(
-            dirpath=entry / "best", monitor=f"val/{name}/top1", mode="max", save_weights_only=True
+            dirpath=entry / "best", monitor=f"val/{name}/{metric}", mode=mode, save_weights_only=True
         )
         callbacks.append(best)
     trainer = build_trainer(

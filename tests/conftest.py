@@ -37,6 +37,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FORTUNES = Path("/usr/share/games/fortunes")
 
 
 # Drops the figures (kdlab/plots.py, about a second per run on 2 cores) from a run whose test is
@@ -152,6 +153,32 @@ def fashion_mnist() -> Path:
             pytest.fail(f"{FASHION_MNIST} is missing: CI must install dataset-fashion-mnist")
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def fortunes() -> Path:
+    """Debian's fortunes, the default text corpus; CI installs it, so its absence there is a failure."""
+    if not any(FORTUNES.glob("*.u8")):
+        if os.environ.get("CI"):
+            pytest.fail(f"{FORTUNES} is missing: CI must install Debian's fortunes package")
+        pytest.skip("Debian's fortunes package is not installed (apt-get install fortunes)")
+    return FORTUNES
+
+
+def lm_overrides(tmp_path: Path, teacher_store: Path | None = None, batches: int = 2) -> list[str]:
+    """task=lm on the real corpus with tiny models (a GPT-2 teacher of 2 blocks of width 32, a student of
+    2 blocks of width 16), windows of 32 tokens, a few batches, one validation and test batch."""
+    return [
+        "task=lm",
+        *fast_overrides(tmp_path, batches, teacher_store),
+        "data.batch_size=8",
+        "data.seq_len=32",
+        "teacher.config={n_layer: 2, n_embd: 32, n_head: 2}",
+        "student.config={n_layer: 2, n_embd: 16, n_head: 2}",
+        "callbacks.samples.num_prompts=1",
+        "callbacks.samples.prompt_tokens=8",
+        "callbacks.samples.new_tokens=8",
+    ]
 
 
 # ---------------------------------------------------------------- runs shared across test files

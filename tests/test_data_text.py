@@ -6,14 +6,10 @@ default corpus, Debian's fortunes, which CI installs like Fashion-MNIST.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from kdlab.data.text import (
-    FORTUNES,
     IGNORE_INDEX,
     ByteTokenizer,
     TextCorpusDataModule,
@@ -22,15 +18,6 @@ from kdlab.data.text import (
     split_documents,
 )
 from kdlab.errors import KdlabError
-
-
-@pytest.fixture(scope="session")
-def fortunes() -> Path:
-    if not any(FORTUNES.glob("*.u8")):
-        if os.environ.get("CI"):
-            pytest.fail(f"{FORTUNES} is missing: CI must install Debian's fortunes package")
-        pytest.skip("Debian's fortunes package is not installed (apt-get install fortunes)")
-    return FORTUNES
 
 
 def test_documents_are_the_blocks_between_percent_lines(tmp_path):
@@ -112,3 +99,23 @@ def test_a_bpe_trained_on_the_training_split_compresses_the_text(tmp_path, fortu
     assert len(as_bpe.splits["train"]) < 0.8 * len(as_bytes.splits["train"])
     text = "A visit to a fresh place will bring strange work."
     assert as_bpe.tokenizer.decode(as_bpe.tokenizer.encode(text)) == text
+
+
+def test_a_hugging_face_dataset_saved_to_disk_is_a_corpus(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"text": ["first document", "", "second one", "third"], "id": [1, 2, 3, 4]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    assert read_documents(tmp_path / "one") == ["first document", "second one", "third"]
+    split = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(rows)}
+    )
+    split.save_to_disk(str(tmp_path / "dict"))
+    assert read_documents(tmp_path / "dict") == ["first document", "second one", "third"]
+    data = TextCorpusDataModule(root=str(tmp_path / "one"), seq_len=4, val_fraction=0.0, test_fraction=0.0)
+    data.setup()
+    # 14 + 10 + 5 bytes and 3 end-of-document tokens: 32 tokens, 31 next-token pairs, in windows of 4.
+    assert len(data.splits["train"]) == 8
+    with pytest.raises(
+        KdlabError, match=r"has no column data.text_field='body'; its columns are \['text', 'id'\]"
+    ):
+        read_documents(tmp_path / "one", text_field="body")

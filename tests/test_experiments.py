@@ -129,9 +129,15 @@ def test_every_knowledge_composes_with_the_cifar_experiment_and_keeps_its_recipe
     assert (cfg.teacher.name, cfg.student.name, cfg.data.num_classes) == ("resnet32x4", "resnet8x4", 100)
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.05
     # Every method builds on the benchmark pair (its adapters from the real shapes at 3x32x32), except
-    # DeiT's, which trains a distillation token the pair's CNN student does not have: refused, saying so.
-    if knowledge in ("deit", "deit_soft"):
-        with pytest.raises(KdlabError, match="it has no distillation token"):
+    # DeiT's, which trains a distillation token the pair's CNN student does not have, and MiniLM's, which
+    # reads a language model's self-attention: refused, saying so.
+    refusals = {
+        "deit": "it has no distillation token",
+        "minilm": "reads the self-attention of a language model",
+    }
+    refusals["deit_soft"] = refusals["deit"]
+    if knowledge in refusals:
+        with pytest.raises(KdlabError, match=refusals[knowledge]):
             Offline(
                 teacher=create_model("resnet32x4", num_classes=100),
                 student=create_model("resnet8x4", num_classes=100),

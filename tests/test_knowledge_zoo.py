@@ -34,6 +34,9 @@ FAMILY_DEFAULTS = ("response", "feature", "relation")
 # DeiT trains the student's distillation token, which only a distilled ViT has: these get a tiny one
 # here, and train through the CLI with it in tests/test_knowledge_deit_ofa.py and the README's commands.
 DISTILLATION_TOKEN = ("deit", "deit_soft")
+# MiniLM reads a language model's self-attention: it is tested on LMs (tests/test_lm_schemes.py, and through
+# the CLI in tests/test_lm_runs.py), and an image model is refused (tests/test_lm_schemes.py).
+LANGUAGE_MODEL = ("minilm",)
 TINY_DISTILLED_DEIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 4}
 
 
@@ -52,7 +55,7 @@ def scheme_for(name: str, tmp_path) -> Offline:
     )
 
 
-@pytest.mark.parametrize("name", KNOWLEDGE)
+@pytest.mark.parametrize("name", [name for name in KNOWLEDGE if name not in LANGUAGE_MODEL])
 def test_gradients_reach_the_student_and_every_adapter_never_the_teacher(name, tmp_path):
     torch.manual_seed(0)
     scheme = scheme_for(name, tmp_path)
@@ -89,7 +92,7 @@ def test_composed_knowledge_trains_with_each_term_logged(combo, tmp_path, fashio
 
 
 def test_every_knowledge_config_trains_offline_through_the_cli(tmp_path, fashion_mnist, teacher_store):
-    names = [name for name in KNOWLEDGE if name not in FAMILY_DEFAULTS + DISTILLATION_TOKEN]
+    names = [name for name in KNOWLEDGE if name not in FAMILY_DEFAULTS + DISTILLATION_TOKEN + LANGUAGE_MODEL]
     sweep = tmp_path / "sweep"
     # Each knowledge config as it is (CRD with its 16384 negatives, AB's and FT's stages too), on a
     # pair of CIFAR ResNets, which have what every method reads: stages of equal widths (FSP, L2),

@@ -7,9 +7,9 @@ command is run in one of three ways:
 
 - **as is**, when it trains nothing (`--help`, `--cfg job`);
 - **composed only** (`--cfg job` appended, once per job of a sweep), when training it here is
-  impossible or long: GPUs or several processes, data other than Fashion-MNIST (the only data set on
-  this machine), an Optuna study, a cluster launcher, a placeholder path kdlab cannot stand in for, or
-  a sweep of more than MAX_SWEEP_JOBS jobs;
+  impossible or long: GPUs or several processes, data other than Fashion-MNIST and the fortunes corpus
+  (the only data on this machine), an Optuna study, a cluster launcher, a placeholder path kdlab cannot
+  stand in for, or a sweep of more than MAX_SWEEP_JOBS jobs;
 - **a tiny real run** otherwise: the README's arguments with a small budget appended (one epoch of a
   few batches, one val/test batch, every path under tmp_path, the session's shared teacher store), as
   tests/conftest.py's `cli_overrides` has it. A `teacher.checkpoint=path/to/...` placeholder gets a
@@ -62,8 +62,9 @@ PLACEHOLDER = re.compile(r"(^|/)path/to/|<[^>]*>")
 # Added to a tiny run's budget when its config has the figures and the sanity check: figures cost
 # about a second per run (tests/test_plots.py checks them), and the sanity check a val batch per fit.
 TRIMMINGS = {"~callbacks.plots": "callbacks.plots", "trainer.num_sanity_val_steps=0": "trainer"}
-# The only data set this machine (and CI) has: others would need a download or a mounted path.
-LOCAL_DATA = "kdlab.data.FashionMNISTDataModule"
+# The data this machine (and CI) has: Fashion-MNIST and the fortunes corpus (task=lm). Others would need a
+# download or a mounted path.
+LOCAL_DATA = ("kdlab.data.FashionMNISTDataModule", "kdlab.data.TextCorpusDataModule")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
@@ -213,8 +214,8 @@ def compose_only_reason(cfg: Any, choices: dict, overrides: list[str], jobs: int
         return f"trainer.accelerator={trainer.accelerator} (no such device here)"
     if any(name in str(trainer.strategy) for name in ("ddp", "fsdp", "deepspeed")) or trainer.num_nodes != 1:
         return f"several processes (trainer.strategy={trainer.strategy}, num_nodes={trainer.num_nodes})"
-    if cfg.data._target_ != LOCAL_DATA:
-        return f"data {cfg.data._target_} is not on this machine (only Fashion-MNIST is)"
+    if cfg.data._target_ not in LOCAL_DATA:
+        return f"data {cfg.data._target_} is not on this machine (only Fashion-MNIST and fortunes are)"
     if choices.get("hparams_search"):
         return f"hparams_search={choices['hparams_search']}: a study of {cfg.hydra.sweeper.n_trials} runs"
     if choices.get("hydra/launcher") not in (None, "basic"):

@@ -1,4 +1,5 @@
-"""Data for kdlab: LightningDataModules whose batches are {"input", "target", "index"} dicts.
+"""Data for kdlab: LightningDataModules whose batches are {"input", "target", "index"} dicts (images and
+labels, or token windows and their next tokens: kdlab.data.text).
 
 `conf/data/*.yaml` instantiates one of these; Fashion-MNIST is the default. `index` is
 the sample's index in its underlying split, so per-sample caches can key on it.
@@ -14,6 +15,7 @@ from kdlab.data.datamodules import (
 from kdlab.data.datasets import IndexedDataset
 from kdlab.data.image_folder import ImageFolderDataModule
 from kdlab.data.in_memory import InMemoryDataModule
+from kdlab.data.text import TextCorpusDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -24,4 +26,5 @@ __all__ = [
     "InMemoryDataModule",
     "IndexedDataset",
     "MNISTDataModule",
+    "TextCorpusDataModule",
 ]

@@ -1,6 +1,8 @@
 """Text for causal language modelling: documents read from local files, tokenised, split and packed.
 
-The corpus is any local text file, or a directory of them (`pattern` picks the files). The offline
+The corpus is any local text file, a directory of them (`pattern` picks the files), or a Hugging Face
+dataset saved to disk (`save_to_disk`'s directory: its `text_field` column, of its train split for a
+DatasetDict; read with the `datasets` package, in the `lm` extra). The offline
 default is Debian's `fortunes` package: about 2.5 MB of English quotations, jokes and verse in 44 UTF-8
 files under /usr/share/games/fortunes (`*.u8`), one entry per `%`-separated block, under the BSD
 licence of fortune-mod (/usr/share/doc/fortunes/copyright). Nothing is downloaded.
@@ -30,7 +32,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdlab.data.base import EpochShuffle, run_seed
 from kdlab.errors import KdlabError
@@ -42,9 +44,24 @@ BYTE_VOCAB = 256
 TOKENIZERS = ("bytes", "bpe")
 
 
-def read_documents(root: str | Path, pattern: str = "*.u8", separator: str | None = "%") -> list[str]:
-    """The corpus's documents, in a fixed order (files sorted by name, blocks in file order)."""
+# What `save_to_disk` writes beside the data: a Dataset's state, or a DatasetDict's list of splits.
+HF_MARKERS = ("state.json", "dataset_dict.json")
+
+
+def read_documents(
+    root: str | Path, pattern: str = "*.u8", separator: str | None = "%", text_field: str = "text"
+) -> list[str]:
+    """The corpus's documents, in a fixed order (files sorted by name, blocks in file order; a saved
+    Hugging Face dataset's rows in order)."""
     root = Path(root).expanduser()
+    if root.is_dir() and any((root / marker).exists() for marker in HF_MARKERS):
+        documents = [text for text in saved_dataset_texts(root, text_field) if text and text.strip()]
+        if not documents:
+            raise KdlabError(
+                f"The Hugging Face dataset at data.root={str(root)!r} has no non-empty text in its "
+                f"{text_field!r} column. Point data.text_field at the column holding the text."
+            )
+        return documents
     if root.is_file():
         files = [root]
     elif root.is_dir():
@@ -68,6 +85,34 @@ def read_documents(root: str | Path, pattern: str = "*.u8", separator: str | Non
             f"(e.g. data.pattern='*.txt')."
         )
     return documents
+
+
+def saved_dataset_texts(root: Path, text_field: str) -> list[str]:
+    """The `text_field` column of a dataset written by `datasets`' save_to_disk (of a DatasetDict: its
+    train split)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise KdlabError(
+            f"data.root={str(root)!r} is a Hugging Face dataset saved to disk, which the datasets package "
+            "reads: pip install 'datasets>=3' (kdlab's lm extra), then rerun."
+        ) from error
+    loaded = datasets.load_from_disk(str(root))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise KdlabError(
+                f"The Hugging Face dataset at data.root={str(root)!r} has the splits {sorted(loaded)}, and "
+                "kdlab reads its train split (and splits it by document itself). Point data.root at one "
+                "split's directory instead."
+            )
+        loaded = loaded["train"]
+    if text_field not in loaded.column_names:
+        raise KdlabError(
+            f"The Hugging Face dataset at data.root={str(root)!r} has no column "
+            f"data.text_field={text_field!r}; its columns are {loaded.column_names}. Set data.text_field to "
+            "the one holding the text."
+        )
+    return list(loaded[text_field])
 
 
 def _blocks(text: str, separator: str) -> list[str]:
@@ -158,12 +203,12 @@ def pack(documents: Sequence[str], tokenizer, seq_len: int) -> tuple[torch.Tenso
         stream.append(tokenizer.eos_id)
     tokens = torch.tensor(stream, dtype=torch.int64)
     windows = max((len(tokens) - 1 + seq_len - 1) // seq_len, 0)  # the last one may be short
-    inputs = torch.zeros(windows, seq_len, dtype=torch.int64)
-    targets = torch.full((windows, seq_len), IGNORE_INDEX, dtype=torch.int64)
-    for w in range(windows):
-        chunk = tokens[w * seq_len : w * seq_len + seq_len + 1]
-        inputs[w, : len(chunk) - 1] = chunk[:-1]
-        targets[w, : len(chunk) - 1] = chunk[1:]
+    # The stream padded to whole windows (+1 for the last label); window w reads tokens w*T .. w*T + T.
+    padded = torch.full((windows * seq_len + 1,), IGNORE_INDEX, dtype=torch.int64)
+    padded[: min(len(tokens), len(padded))] = tokens[: len(padded)]
+    targets = padded[1:].view(windows, seq_len).clone()
+    # A position without a next token is padding, and reads token 0.
+    inputs = padded[:-1].view(windows, seq_len).masked_fill(targets == IGNORE_INDEX, 0)
     return inputs, targets
 
 
@@ -190,8 +235,9 @@ class TextCorpusDataModule(L.LightningDataModule):
         root: str | None = None,
         pattern: str = "*.u8",
         separator: str | None = "%",
+        text_field: str = "text",
         tokenizer: str = "bytes",
-        vocab_size: int = 512,
+        vocab_size: int = BYTE_VOCAB + 1,
         seq_len: int = 128,
         batch_size: int = 32,
         val_fraction: float = 0.05,
@@ -211,13 +257,20 @@ class TextCorpusDataModule(L.LightningDataModule):
                 raise KdlabError(
                     f"data.{key}={value!r} must be a whole number >= {smallest}, e.g. data.{key}=128."
                 )
+        if tokenizer == "bytes" and vocab_size != ByteTokenizer.vocab_size:
+            raise KdlabError(
+                f"data.vocab_size={vocab_size!r} with data.tokenizer=bytes: the byte tokenizer has "
+                f"{ByteTokenizer.vocab_size} tokens (256 bytes and end-of-document), and the models are "
+                f"built for data.vocab_size. Set data.vocab_size={ByteTokenizer.vocab_size}, or "
+                "data.tokenizer=bpe to train a tokenizer of data.vocab_size tokens."
+            )
         if tokenizer == "bpe" and (not isinstance(vocab_size, int) or vocab_size <= BYTE_VOCAB):
             raise KdlabError(
                 f"data.vocab_size={vocab_size!r}: a byte-level BPE starts from the 256 bytes, so its "
                 "vocabulary is larger, e.g. data.vocab_size=512."
             )
         self.root = Path(root).expanduser() if root else FORTUNES
-        self.pattern, self.separator = pattern, separator
+        self.pattern, self.separator, self.text_field = pattern, separator, text_field
         self.tokenizer_kind, self.requested_vocab_size = tokenizer, vocab_size
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
@@ -233,10 +286,61 @@ class TextCorpusDataModule(L.LightningDataModule):
         self.setup()
         return self.tokenizer.vocab_size
 
+    @property
+    def num_classes(self) -> int:
+        """What a model predicts at each position: one of the vocabulary's tokens."""
+        return self.vocab_size
+
+    @property
+    def input_shape(self) -> tuple[int]:
+        return (self.seq_len,)
+
+    @property
+    def task(self):
+        """Next-token prediction on this corpus's tokens (kdlab.tasks)."""
+        from kdlab.tasks import LanguageModeling  # kdlab.tasks reads this module's IGNORE_INDEX
+
+        return LanguageModeling(self.vocab_size, self.seq_len)
+
+    @property
+    def train_split_size(self) -> int:
+        self.setup()
+        return len(self.splits["train"])
+
+    # What the teacher-output cache reads (kdlab.teacher_cache): windows are not augmented, so a
+    # teacher's outputs on them are fixed and can be stored once; the validation documents are held out.
+    train_transform_is_random = False
+    train_transform = eval_transform = None
+    validation_from_training_split = False
+
+    @property
+    def train_set(self) -> Subset:
+        """The training windows, as a Subset of the split (the form the teacher-output cache reads)."""
+        self.setup()
+        return Subset(self.splits["train"], range(len(self.splits["train"])))
+
+    @property
+    def val_set(self) -> PackedText:
+        self.setup()
+        return self.splits["val"]
+
+    def fingerprint(self) -> str:
+        """A digest of the training windows' tokens, for caches of a teacher's outputs on them."""
+        self.setup()
+        return hashlib.sha256(self.splits["train"].inputs.numpy().tobytes()).hexdigest()[:16]
+
+    def use_views(self, names: Sequence[str], wanted_by: str = "the knowledge") -> None:
+        """Extra augmented views are an image notion: a loss that reads one cannot run on text."""
+        if names:
+            raise KdlabError(
+                f"{wanted_by} reads extra augmented views of each sample ({', '.join(names)}), which text "
+                "has none of. Use a loss without views with task=lm (e.g. knowledge=response)."
+            )
+
     def corpus_key(self) -> str:
         """A digest of the corpus's text and the settings that shape the data, for stores to key on."""
         digest = hashlib.sha256()
-        for document in read_documents(self.root, self.pattern, self.separator):
+        for document in read_documents(self.root, self.pattern, self.separator, self.text_field):
             digest.update(document.encode("utf-8"))
         settings = (
             self.tokenizer_kind,
@@ -253,7 +357,7 @@ class TextCorpusDataModule(L.LightningDataModule):
         if self.splits:
             return
         documents = split_documents(
-            read_documents(self.root, self.pattern, self.separator),
+            read_documents(self.root, self.pattern, self.separator, self.text_field),
             self.val_fraction,
             self.test_fraction,
             self.split_seed,

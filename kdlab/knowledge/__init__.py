@@ -8,8 +8,10 @@ from kdlab.knowledge.base import Knowledge, LossContext, Stage, views_of
 from kdlab.knowledge.contrastive import CRD
 from kdlab.knowledge.ctkd import CTKD
 from kdlab.knowledge.feature import AT, NST, VID, CosineHint, FeatureL2, FitNet
+from kdlab.knowledge.minilm import MiniLM
 from kdlab.knowledge.relation import CC, FSP, PKT, RKD, SP
 from kdlab.knowledge.response import DIST, DKD, KD, NKD
+from kdlab.knowledge.sequence import SequenceKD
 
 __all__ = [
     "AT",
@@ -25,12 +27,14 @@ __all__ = [
     "PKT",
     "RKD",
     "SP",
+    "SequenceKD",
     "VID",
     "CosineHint",
     "FeatureL2",
     "FitNet",
     "Knowledge",
     "LossContext",
+    "MiniLM",
     "Stage",
     "views_of",
 ]

@@ -134,10 +134,14 @@ class FitNet(FeatureKnowledge):
     Regressor: the paper's convolutional regressor has kernel size N_g - N_h + 1, i.e. 1x1 when the
     two maps have the same size, which is also CRD's `ConvReg` in that case; so r is a 1x1 conv
     (C_s -> C_t) + BatchNorm + ReLU (CRD's ConvReg order; ReLU because the paper gives r the guided
-    layer's non-linearity; `relu: false` drops it for pre-activation taps). Where the spatial sizes
-    differ, the larger map is adaptive-average-pooled to the smaller one (CRD uses a strided or
-    transposed conv there instead; pooling handles any ratio). (B, C) vectors are read as 1x1 maps.
-    Defaults (CRD benchmark): hint on stage2 of both models (`hint_layer=2`), weight 100,
+    layer's non-linearity). `relu: auto` keeps the ReLU where the hint is non-negative on the dry forward
+    pass (a post-ReLU CNN stage) and drops it elsewhere (pre-activation taps, a transformer's tokens or
+    hidden states, which the ReLU could not reach below 0); true or false forces it. On a language
+    model's hidden states (read as a column of positions: kdlab.knowledge.layouts) r is a per-token
+    linear projection, TinyBERT's hidden-state loss (Jiao et al. 2020, Eq. 8) with a BatchNorm.
+    Where the spatial sizes differ, the larger map is adaptive-average-pooled to the smaller one (CRD
+    uses a strided or transposed conv there instead; pooling handles any ratio). (B, C) vectors are
+    read as 1x1 maps. Defaults (CRD benchmark): hint on stage2 of both models (`hint_layer=2`), weight 100,
     cross-entropy weight 1.
     """
 
@@ -150,12 +154,17 @@ class FitNet(FeatureKnowledge):
         task_weight: float = 1.0,
         student_layers: str | Sequence[str] = ("stage2",),
         teacher_layers: str | Sequence[str] = ("stage2",),
-        relu: bool = True,
+        relu: bool | str = "auto",
         layer_reduction: str = "sum",
         name: str | None = None,
     ):
         super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
-        self.relu = bool(relu)
+        if relu not in (True, False, "auto"):
+            raise KdlabError(
+                f"knowledge.{self.name}.relu={relu!r} is not a choice: auto (ReLU where the hint is "
+                "non-negative), true or false."
+            )
+        self.relu = relu
         self.regressors = nn.ModuleList()
 
     def check_pair(self, index: int, s: Tensor, t: Tensor) -> None:
@@ -163,9 +172,12 @@ class FitNet(FeatureKnowledge):
 
     def build_pairs(self, feats: list[tuple[Tensor, Tensor]]) -> None:
         self.regressors = nn.ModuleList(
-            HintRegressor(s.shape[1], t.shape[1], self.relu).to(device=s.device, dtype=s.dtype)
+            HintRegressor(s.shape[1], t.shape[1], self._relu(t)).to(device=s.device, dtype=s.dtype)
             for s, t in feats
         )
+
+    def _relu(self, hint: Tensor) -> bool:
+        return bool(hint.min() >= 0) if self.relu == "auto" else self.relu
 
     def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
         s, t = pool_to_common_size(as_map(s), as_map(t))

@@ -9,8 +9,12 @@ two ViTs. The prefix tokens carry no position, so they are dropped; the number o
 own (`num_prefix_tokens`, as timm's ViTs have it), or else an optional class token: none if the
 tokens make a square grid, else one.
 
-Tokens that are not a square grid of patches (a sequence model, tokens after pooling) have no map,
-and the error says so rather than reshaping them into a meaningless one.
+A language model's hidden states `[B, T, C]` are a sequence, not a grid: a model that says so
+(`sequence_features = True`, as kdlab.models.hf_lm.CausalLM does) has them read as a `[B, C, T, 1]` map,
+one column of T positions. A 1x1 convolution on it is then a linear projection of each token (FitNets'
+regressor becomes TinyBERT's hidden-state projection, Jiao et al. 2020, Eq. 8), and the losses that pool
+or flatten a map do so over the positions. Other tokens that are not a square grid of patches (tokens
+after pooling) have no map, and the error says so rather than reshaping them into a meaningless one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ def prefix_tokens(model: nn.Module | None) -> int | None:
         if isinstance(count, int):
             return count
     return None
+
+
+def feature_map(x: Tensor, model: nn.Module | None, what: str) -> Tensor:
+    """A feature as the feature losses read it: a map as it is, a sequence model's `[B, T, C]` hidden
+    states as a `[B, C, T, 1]` map, a ViT's tokens as the map of their patch grid (`tokens_to_map`)."""
+    if x.ndim == 3 and getattr(model, "sequence_features", False):
+        return x.transpose(1, 2).unsqueeze(-1)
+    return tokens_to_map(x, prefix_tokens(model), what)
 
 
 def tokens_to_map(x: Tensor, prefix: int | None, what: str) -> Tensor:

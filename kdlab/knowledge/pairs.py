@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kdlab.errors import KdlabError
 from kdlab.knowledge.base import Knowledge, LossContext
-from kdlab.knowledge.layouts import prefix_tokens, tokens_to_map
+from kdlab.knowledge.layouts import feature_map
 from kdlab.taps import Outputs
 
 LAYER_REDUCTIONS = ("sum", "mean")
@@ -83,9 +83,10 @@ class LayerPairKnowledge(Knowledge):
             s = self._feature(student, s_name, "student")
             # Detached here too, not only by the scheme: no loss may train its source.
             t = self._feature(source, t_name, "teacher").detach()
-            # A ViT's tokens as the map of their patch grid, so any pair of families compares maps.
-            s = tokens_to_map(s, prefix_tokens(student.model), f"The student's '{s_name}'")
-            t = tokens_to_map(t, prefix_tokens(source.model), f"The teacher's '{t_name}'")
+            # A ViT's tokens as the map of their patch grid, an LM's hidden states as a column of positions,
+            # so any pair of families compares maps.
+            s = feature_map(s, student.model, f"The student's '{s_name}'")
+            t = feature_map(t, source.model, f"The teacher's '{t_name}'")
             if s.shape[0] != t.shape[0]:
                 raise KdlabError(
                     f"{type(self).__name__} compares the samples of one batch, but the student's '{s_name}' "

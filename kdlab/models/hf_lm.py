@@ -11,7 +11,9 @@ Two ways to get one (`create_causal_lm`):
 
 The module returns the logits `[B, T, V]` for input ids `[B, T]` (a causal model needs no attention mask
 on packed windows). Its tap points are the decoder's blocks, `stage1..N` (hidden states `[B, T, C]`),
-and `embedding`, the final norm's output (what the LM head reads).
+`embedding`, the final norm's output (what the LM head reads), and `stage<i>_attention_input`, what
+block i's self-attention reads (its first norm's output), from which `query_key_value` computes the
+block's queries, keys and values (MiniLM's relations: kdlab.knowledge.minilm).
 """
 
 from __future__ import annotations
@@ -19,23 +21,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
+from kdlab.models.checkpoint import load_weights
 
 # Where each family's decoder keeps its blocks and its final norm, below the decoder (get_decoder()).
 _BLOCKS = ("h", "layers", "blocks")
 _FINAL_NORM = ("ln_f", "norm", "final_layernorm")
+# Within a block: the norm before self-attention, and the attention module (GPT-2, Llama/Mistral/Qwen).
+_ATTENTION_NORM = ("ln_1", "input_layernorm")
+_ATTENTION = ("attn", "self_attn")
 
 
 class CausalLM(nn.Module):
     """A `transformers` causal LM whose forward returns the logits `[B, T, V]`."""
+
+    # Its hidden states are a sequence of positions, not a grid of patches (kdlab.knowledge.layouts).
+    sequence_features = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.context = _context_length(model.config)
         self.vocab_size = int(model.config.vocab_size)
+        decoder = model.get_decoder()
+        blocks = next(
+            (name for name in _BLOCKS if isinstance(getattr(decoder, name, None), nn.ModuleList)), None
+        )
+        # The decoder's blocks, in order (none: a model kdlab cannot tap inside).
+        self.blocks = list(getattr(decoder, blocks)) if blocks else []
         self.tap_points = _tap_points(self)
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -47,6 +63,50 @@ class CausalLM(nn.Module):
             )
         return self.model(input_ids=input_ids).logits
 
+    def query_key_value(self, stage: str, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Block `stage`'s queries, keys and values `[B, T, width]` (heads concatenated, before any rotary
+        embedding) for `hidden`, what its self-attention reads (the tap point `<stage>_attention_input`)."""
+        attention = _child(self.blocks[int(stage.removeprefix("stage")) - 1], _ATTENTION)
+        if hasattr(attention, "c_attn"):  # GPT-2: one fused projection
+            return tuple(attention.c_attn(hidden).split(attention.embed_dim, dim=-1))
+        if all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj")):
+            return attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)
+        raise KdlabError(
+            f"The {type(attention).__name__} attention of {type(self.model).__name__} has neither a fused "
+            "c_attn (GPT-2) nor q_proj/k_proj/v_proj (Llama and most others), so its queries, keys and "
+            "values are not known to kdlab: use a GPT-2 or Llama-style model with knowledge=minilm."
+        )
+
+    @torch.no_grad()
+    def sample(
+        self, prompt: Tensor, new_tokens: int, temperature: float = 1.0, greedy: bool = False
+    ) -> Tensor:
+        """`prompt` `[B, P]` continued by exactly `new_tokens` tokens: `[B, P + new_tokens]`.
+
+        Sampled from softmax(z / temperature) over the whole vocabulary (no top-k or top-p filter), or
+        the most likely token with `greedy`; an end-of-document token does not stop a sequence early, so
+        every continuation has the same length. In eval mode (no dropout); the mode is restored after.
+        """
+        if prompt.shape[-1] + new_tokens > self.context:
+            raise KdlabError(
+                f"A prompt of {prompt.shape[-1]} tokens and {new_tokens} new ones exceed the model's context "
+                f"of {self.context}: use a shorter prompt or fewer new tokens."
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            options = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature}
+            return self.model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=self.model.config.eos_token_id,
+                **options,
+            )
+        finally:
+            self.train(was_training)
+
 
 def create_causal_lm(
     vocab_size: int,
@@ -56,10 +116,13 @@ def create_causal_lm(
     pretrained: str | None = None,
     download: bool = False,
     eos_token_id: int | None = None,
+    checkpoint: str | None = None,
+    name: str | None = None,
     config_key: str = "model",
 ) -> CausalLM:
     """A causal LM from a config (`family`, `config`) or from weights (`pretrained`): see the module
-    docstring."""
+    docstring. `checkpoint` then loads weights kdlab saved (a stored teacher, a run's student.pt);
+    `name` is the config's label, unused here."""
     try:
         import transformers
     except ImportError as error:
@@ -78,7 +141,7 @@ def create_causal_lm(
             transformers, family, dict(config or {}), vocab_size, seq_len, eos_token_id, config_key
         )
     lm = CausalLM(model)
-    if lm.vocab_size < vocab_size:
+    if lm.vocab_size != vocab_size:
         raise KdlabError(
             f"{config_key} has a vocabulary of {lm.vocab_size} tokens, but the data's tokenizer makes "
             f"{vocab_size}: teacher, student and data must share one tokenizer (cross-tokenizer distillation "
@@ -90,6 +153,8 @@ def create_causal_lm(
             f"data.seq_len={seq_len} is longer than {config_key}'s context of {lm.context} tokens. Set "
             f"data.seq_len={lm.context} or less, or give the model a longer context."
         )
+    if checkpoint is not None:
+        load_weights(lm, checkpoint)
     return lm
 
 
@@ -106,9 +171,9 @@ def _from_config(transformers, family, config, vocab_size, seq_len, eos_token_id
     defaults = transformers.CONFIG_MAPPING[family]()
     context_key = "n_positions" if hasattr(defaults, "n_positions") else "max_position_embeddings"
     config.setdefault(context_key, seq_len)
-    if eos_token_id is not None:
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            config.setdefault(name, eos_token_id)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # The family's own ids (GPT-2's 50256) are not tokens of a tokenizer kdlab trained.
+        config.setdefault(name, eos_token_id)
     try:
         built = transformers.AutoConfig.for_model(family, **config)
         return transformers.AutoModelForCausalLM.from_config(built)
@@ -155,9 +220,22 @@ def _tap_points(lm: CausalLM) -> dict[str, str]:
     points = {}
     blocks = next((name for name in _BLOCKS if isinstance(getattr(decoder, name, None), nn.ModuleList)), None)
     if blocks is not None:
-        for i in range(len(getattr(decoder, blocks))):
+        for i, block in enumerate(getattr(decoder, blocks)):
             points[f"stage{i + 1}"] = f"{path}.{blocks}.{i}"
+            norm = next((name for name in _ATTENTION_NORM if hasattr(block, name)), None)
+            if norm is not None:
+                points[f"stage{i + 1}_attention_input"] = f"{path}.{blocks}.{i}.{norm}"
     norm = next((name for name in _FINAL_NORM if isinstance(getattr(decoder, name, None), nn.Module)), None)
     if norm is not None:
         points["embedding"] = f"{path}.{norm}"
     return points
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    for name in names:
+        if isinstance(getattr(module, name, None), nn.Module):
+            return getattr(module, name)
+    raise KdlabError(
+        f"{type(module).__name__} has none of the submodules {', '.join(names)} kdlab looks for in a "
+        "decoder block."
+    )

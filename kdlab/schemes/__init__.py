@@ -6,8 +6,10 @@ from kdlab.schemes.born_again import BornAgain
 from kdlab.schemes.byot import BYOT
 from kdlab.schemes.cskd import CSKD
 from kdlab.schemes.offline import Offline
+from kdlab.schemes.on_policy import OnPolicy
 from kdlab.schemes.online import Online
 from kdlab.schemes.pskd import PSKD
+from kdlab.schemes.seqkd import SeqKD
 from kdlab.schemes.student import StudentScheme
 from kdlab.schemes.tfkd import TfKD, TfKDSelf
 
@@ -18,8 +20,10 @@ __all__ = [
     "Baseline",
     "BornAgain",
     "Offline",
+    "OnPolicy",
     "Online",
     "Scheme",
+    "SeqKD",
     "Sources",
     "StudentScheme",
     "TeacherProvider",

@@ -5,9 +5,10 @@ trained models (one student, N peers, a model with exits) and say what teaches w
 class also obtains its own sources before it is built (`sources_for`: a frozen teacher from the
 teacher store, fresh peers, or nothing), so the entry point never asks which kind it is. This
 base owns the rest: the configured knowledge terms and the run context they are given, the task
-weight, the optimizer over the trained models and the loss adapters only, torchmetrics top-1/top-5
-(fractions of samples) for every reported model, and a check that stops a run whose loss became
-NaN or infinite with a clear error.
+weight, the optimizer over the trained models and the loss adapters only, the task's torchmetrics
+for every reported model (kdlab.tasks: top-1/top-5 as fractions of samples, or per token for a
+language model, with perplexity), and a check that stops a run whose loss became NaN or infinite
+with a clear error.
 """
 
 from __future__ import annotations
@@ -20,38 +21,20 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from kdlab.distributed import world_size
 from kdlab.errors import KdlabError
 from kdlab.heads import classifier_of
 from kdlab.knowledge import Knowledge, LossContext
 from kdlab.optim import DOT
-from kdlab.taps import FeatureTap
+from kdlab.taps import FeatureTap, Outputs
+from kdlab.tasks import IGNORE_INDEX, ImageClassification, Task
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 # Tap points of a model that averages several heads' logits (timm's distilled DeiTs): each is tested too.
 SEPARATE_HEADS = ("class_head", "distillation_head")
-
-
-def fraction_correct(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
-    """The fraction of samples whose label is among the top-k predictions.
-
-    `average="micro"`: torchmetrics' MulticlassAccuracy averages per class by default ("macro"),
-    which is not the fraction of samples the results table promises.
-    """
-    return MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-
-
-def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Top-1, plus top-5 where it means something (20 classes or more), as fractions of samples."""
-    metrics = {"top1": fraction_correct(num_classes)}
-    if num_classes >= 20:
-        metrics["top5"] = fraction_correct(num_classes, top_k=5)
-    return MetricCollection(metrics, prefix=prefix)
 
 
 class TeacherProvider(Protocol):
@@ -156,6 +139,8 @@ class Scheme(L.LightningModule):
     Args:
         optimizer: a partial optimizer, called with the trainable parameters.
         num_classes / input_shape: from the datamodule; used to check the models.
+        task: what the models predict and how it is scored (kdlab.tasks); None: image
+            classification of `num_classes` classes on inputs of `input_shape`.
         knowledge: the configured `Knowledge` losses by name (a scheme may copy them per
             direction, e.g. one per pair of peers).
         scheduler: a partial LR scheduler, stepped every `scheduler_interval`.
@@ -166,6 +151,8 @@ class Scheme(L.LightningModule):
 
     #: the scheme's name in metrics.json, logger tags and the log
     name = "scheme"
+    #: the tasks (kdlab.tasks names) the scheme's method is defined for
+    tasks = ("image", "lm")
 
     @classmethod
     def sources_for(
@@ -178,6 +165,17 @@ class Scheme(L.LightningModule):
         """
         return Sources()
 
+    @classmethod
+    def check_task(cls, task: Task) -> None:
+        """Refuse a task the scheme's method is not defined for (the entry point asks before obtaining
+        the sources, so no teacher is trained for a run that cannot start)."""
+        if task.name not in cls.tasks:
+            raise KdlabError(
+                f"mode={cls.name} is defined for task={' or task='.join(cls.tasks)}, and this run's task is "
+                f"{task.name}. Pick a scheme of that task (`python -m kdlab.run --help` lists them; task=lm: "
+                "offline, online, self, on_policy, seqkd, baseline)."
+            )
+
     def __init__(
         self,
         optimizer: OptimizerFactory,
@@ -188,8 +186,11 @@ class Scheme(L.LightningModule):
         scheduler_interval: str = "epoch",
         task_weight: float | None = None,
         num_samples: int | None = None,
+        task: Task | None = None,
     ):
         super().__init__()
+        self.task = task if task is not None else ImageClassification(num_classes, input_shape)
+        self.check_task(self.task)
         # The configured terms. Subclasses register the live ones under `self.knowledge` (the
         # templates themselves for one student; copies per direction for peers).
         self.templates = checked_knowledge(knowledge)
@@ -199,9 +200,9 @@ class Scheme(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
-        self.num_classes = num_classes
+        self.num_classes = self.task.num_classes
         # Lightning uses this for the model summary; subclasses use it for their dry forward.
-        self.example_input_array = torch.zeros(2, *input_shape)
+        self.example_input_array = self.task.example_input(2)
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
         # Models tested per head as well, by name: (the model, a tap on its heads); add_head_metrics.
@@ -243,19 +244,31 @@ class Scheme(L.LightningModule):
         return [m for m in self.knowledge.modules() if isinstance(m, Knowledge)]
 
     def add_metrics(self, name: str, validate: bool = True) -> None:
-        """Top-1 (and top-5) for a reported model on test, and on validation if `validate`."""
+        """The task's metrics (top-1, ...) for a reported model on test, and on validation if `validate`."""
         if validate:
-            self.val_metrics[name] = accuracy_metrics(self.num_classes, f"val/{name}/")
-        self.test_metrics[name] = accuracy_metrics(self.num_classes, f"test/{name}/")
+            self.val_metrics[name] = self.task.metrics(f"val/{name}/")
+        self.test_metrics[name] = self.task.metrics(f"test/{name}/")
 
     def check_logits(self, logits: Tensor, role: str) -> None:
-        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise KdlabError(
-                f"The {role} outputs logits of shape {tuple(logits.shape)}, but the data has "
-                f"{self.num_classes} classes, so its predictions cannot be compared with the labels or with "
-                f"the other model. Build the {role} with num_classes={self.num_classes} (e.g. "
-                f"{role}.num_classes=${{data.num_classes}}), or load a checkpoint trained on this data."
-            )
+        self.task.check_logits(logits, role)
+
+    def counted(self, outputs: Outputs, batch: Mapping[str, Tensor]) -> tuple[Outputs, dict[str, Tensor]]:
+        """The outputs and batch as the task loss and the knowledge terms read them: for a language model,
+        the logits `[N, V]` and labels `[N]` of the counted tokens (kdlab.tasks), and the batch's
+        `positions`, the `[B, T]` mask of those tokens (for losses that read whole sequences, e.g. MiniLM's
+        relations); for images, unchanged."""
+        if outputs.logits.ndim == 2:
+            return outputs, dict(batch)
+        target = batch.get("target")
+        # No labels (a dry run): every position counts.
+        labels = target if target is not None else outputs.logits.new_zeros(outputs.logits.shape[:-1]).long()
+        logits, labels = self.task.predictions(outputs.logits, labels)
+        counted = (
+            dict(batch)
+            if target is None
+            else {**batch, "target": labels, "positions": target != IGNORE_INDEX}
+        )
+        return Outputs(logits, outputs.feats, outputs.views, outputs.model), counted
 
     def loss_to_backpropagate(self, total: Tensor, task: Tensor | Callable[[], Tensor]) -> Tensor:
         """What Lightning backpropagates: the total, or with DOT (kdlab.optim) the task part only.
@@ -429,7 +442,7 @@ class Scheme(L.LightningModule):
                 logits[name] = model(batch["input"])
         for name, out in {**logits, **heads}.items():
             if name in metrics:
-                metrics[name].update(out, batch["target"])
+                metrics[name].update(*self.task.predictions(out, batch["target"]))
                 self.log_dict(metrics[name], on_epoch=True, prog_bar=stage == "val")
         return logits
 

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.models.exits import AuxiliaryExits
+from kdlab.models.lm_exits import LanguageModelExits
 from kdlab.schemes.student import StudentScheme
 from kdlab.taps import FeatureTap, Outputs, expand_layers
+from kdlab.tasks import LanguageModeling
 
 
 class BYOT(StudentScheme):
@@ -36,7 +38,12 @@ class BYOT(StudentScheme):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.exits = AuxiliaryExits(self.student, self.num_classes, tuple(self.example_input_array.shape[1:]))
+        if isinstance(self.task, LanguageModeling):  # a head after each shallow block
+            self.exits = LanguageModelExits(self.student, self.num_classes)
+        else:
+            self.exits = AuxiliaryExits(
+                self.student, self.num_classes, tuple(self.example_input_array.shape[1:])
+            )
         self.exit_names = {stage: f"exit{i + 1}" for i, stage in enumerate(self.exits.stage_names)}
         stages = expand_layers(self.student, ["stages"], self.model_name)
         self.student_tap = FeatureTap(self.student, stages, role=self.model_name)
@@ -59,9 +66,11 @@ class BYOT(StudentScheme):
         """Every exit's outputs, the deepest last (as "student"), from one backbone pass."""
         tapped = self.student_tap(x)
         outputs = {}
+        # A language model's exits give hidden states, read as a sequence (kdlab.knowledge.layouts).
+        source = self.exits if getattr(self.exits, "sequence_features", False) else None
         for stage, (fmap, logits) in self.exits({s: tapped.feats[s] for s in self.exits.stage_names}).items():
-            outputs[self.exit_names[stage]] = exit_view(logits, fmap)
-        outputs[self.model_name] = exit_view(tapped.logits, tapped.feats[self.exits.deepest])
+            outputs[self.exit_names[stage]] = exit_view(logits, fmap, source)
+        outputs[self.model_name] = exit_view(tapped.logits, tapped.feats[self.exits.deepest], source)
         return outputs
 
     @torch.no_grad()
@@ -72,10 +81,12 @@ class BYOT(StudentScheme):
         self.eval()
         try:
             outputs = self.exit_outputs(self.example_input_array)
+            for name, out in outputs.items():
+                self.check_logits(out.logits, name)
+            outputs = {name: self.counted(out, {})[0] for name, out in outputs.items()}
             deepest = outputs[self.model_name].detach()
             context = self.loss_context()
             for name, terms in self.knowledge.items():
-                self.check_logits(outputs[name].logits, name)
                 for term in terms.values():
                     term.build(outputs[name], deepest, context)
         finally:
@@ -83,13 +94,16 @@ class BYOT(StudentScheme):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self.exit_outputs(batch["input"])
+        # A language model's counted tokens, as the task loss and the terms read them (kdlab.tasks).
+        counted = {name: self.counted(out, batch) for name, out in outputs.items()}
+        outputs, batch = {name: out for name, (out, _) in counted.items()}, counted[self.model_name][1]
         deepest = outputs[self.model_name]
-        terms = {f"{self.model_name}/task": F.cross_entropy(deepest.logits, batch["target"])}
+        terms = {f"{self.model_name}/task": self.task.loss(deepest.logits, batch["target"])}
         loss = terms[f"{self.model_name}/task"]
         source, context = deepest.detach(), self.loss_context()
         task_part = loss
         for name, exit_terms in self.knowledge.items():
-            task = F.cross_entropy(outputs[name].logits, batch["target"])
+            task = self.task.loss(outputs[name].logits, batch["target"])
             terms[f"{name}/task"] = task
             loss = loss + self.task_weight * task
             task_part = task_part + self.task_weight * task
@@ -109,9 +123,10 @@ class BYOT(StudentScheme):
     def _evaluate_exits(self, stage: str, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         logits = {name: out.logits for name, out in self.exit_outputs(batch["input"]).items()}
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        logits["exits_ensemble"] = torch.stack([v.softmax(dim=1) for v in logits.values()]).mean(0)
+        # The log of the exits' mean probabilities: the logits of the ensemble's distribution.
+        logits["exits_ensemble"] = torch.stack([v.softmax(dim=-1) for v in logits.values()]).mean(0).log()
         for name, out in logits.items():
-            metrics[name].update(out, batch["target"])
+            metrics[name].update(*self.task.predictions(out, batch["target"]))
             self.log_dict(metrics[name], on_epoch=True, prog_bar=stage == "val" and name == self.model_name)
         return logits
 
@@ -127,5 +142,7 @@ def exit_layers(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys("embedding" if name == "embedding" else "features" for name in names))
 
 
-def exit_view(logits: Tensor, fmap: Tensor) -> Outputs:
-    return Outputs(logits, {"features": fmap, "embedding": F.adaptive_avg_pool2d(fmap, 1).flatten(1)})
+def exit_view(logits: Tensor, fmap: Tensor, source: nn.Module | None = None) -> Outputs:
+    """An exit's outputs: its feature map (a sequence's hidden states), and that pooled as `embedding`."""
+    pooled = fmap.mean(dim=1) if fmap.ndim == 3 else F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+    return Outputs(logits, {"features": fmap, "embedding": pooled}, model=source)

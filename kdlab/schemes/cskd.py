@@ -97,6 +97,7 @@ class CSKD(StudentScheme):
     """
 
     name = "cskd"
+    tasks = ("image",)  # its bank and pairs are per image
 
     @classmethod
     def sources_for(

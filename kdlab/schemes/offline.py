@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from kdlab.errors import KdlabError
-from kdlab.schemes.base import Sources, TeacherProvider, fraction_correct
+from kdlab.schemes.base import Sources, TeacherProvider
 from kdlab.schemes.student import StudentScheme
 from kdlab.taps import Outputs
+from kdlab.tasks import fraction_correct
 
 if TYPE_CHECKING:
     from kdlab.teacher_cache import TeacherOutputs
@@ -130,13 +131,17 @@ class Offline(StudentScheme):
             teacher = self.teacher_outputs.lookup(batch["index"]).logits
         else:
             teacher = self.teacher_forward(batch["input"]).logits
-        self.val_agreement.update(logits[self.model_name], teacher.argmax(dim=1))
+        student, labels = self.task.predictions(logits[self.model_name], batch["target"])
+        teacher, _ = self.task.predictions(teacher, batch["target"])
+        self.val_agreement.update(student, teacher.argmax(dim=1))
         self.log("val/student/agreement", self.val_agreement, on_epoch=True)
         return logits
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         logits = super().test_step(batch, batch_idx)
-        student, teacher = logits[self.model_name], logits["teacher"]
+        # Per counted token for a language model (kdlab.tasks).
+        student, _ = self.task.predictions(logits[self.model_name], batch["target"])
+        teacher, _ = self.task.predictions(logits["teacher"], batch["target"])
         self.agreement.update(student, teacher.argmax(dim=1))
         kl = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True, reduction="none")
         self.mean_kl.update(kl.sum(dim=1))

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -137,6 +136,7 @@ class Online(Scheme):
             outputs = self.forward_peers(x, {view_key(view): x for view in views_of(self.templates.values())})
             for name, out in outputs.items():
                 self.check_logits(out.logits, name)
+            outputs = {name: self.counted(out, {})[0] for name, out in outputs.items()}
             context = self.loss_context()
             for learner, directions in self.knowledge.items():
                 for source, terms in directions.items():
@@ -168,12 +168,15 @@ class Online(Scheme):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self.forward_peers(batch["input"], batch)
+        # A language model's counted tokens, as the task loss and the terms read them (kdlab.tasks).
+        counted = {name: self.counted(out, batch) for name, out in outputs.items()}
+        outputs, batch = {name: out for name, (out, _) in counted.items()}, next(iter(counted.values()))[1]
         context = self.loss_context()
         terms: dict[str, Tensor] = {}
         loss = torch.zeros((), device=batch["input"].device)
         task_part = torch.zeros((), device=batch["input"].device)
         for learner, directions in self.knowledge.items():
-            task = F.cross_entropy(outputs[learner].logits, batch["target"])
+            task = self.task.loss(outputs[learner].logits, batch["target"])
             terms[f"{learner}/task"] = task
             loss = loss + self.task_weight * task
             task_part = task_part + self.task_weight * task
@@ -199,9 +202,10 @@ class Online(Scheme):
 
     # ------------------------------------------------------------------ evaluation
     def _with_ensemble(self, stage: str, logits: dict[str, Tensor], batch: Mapping[str, Tensor]) -> dict:
-        probs = torch.stack([out.softmax(dim=1) for out in logits.values()]).mean(0)
+        probs = torch.stack([out.softmax(dim=-1) for out in logits.values()]).mean(0)
         metrics = (self.val_metrics if stage == "val" else self.test_metrics)[ENSEMBLE]
-        metrics.update(probs, batch["target"])
+        # The log of the mean probabilities: logits of the ensemble's distribution (perplexity reads them).
+        metrics.update(*self.task.predictions(probs.log(), batch["target"]))
         self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
         return logits
 

@@ -40,6 +40,7 @@ class PSKD(StudentScheme):
     """
 
     name = "pskd"
+    tasks = ("image",)  # its bank and pairs are per image
 
     def __init__(self, *args, alpha_T: float = 0.8, **kwargs):
         super().__init__(*args, **kwargs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.data.datasets import view_key
@@ -87,6 +86,8 @@ class StudentScheme(Scheme):
             if source is not None:
                 self.check_logits(source.logits, "teacher")
                 context = self.loss_context()
+                student, _ = self.counted(student, {})
+                source, _ = self.counted(source, {})
                 for term in self.knowledge.values():
                     term.build(student, source, context)
                 self._deployed = self._deployed_student(source)
@@ -111,9 +112,12 @@ class StudentScheme(Scheme):
         return self.deployable()(x)
 
     def loss_terms(self, student: Outputs, source: Outputs | None, batch: Mapping[str, Tensor]) -> dict:
-        """Unweighted loss terms: the task loss plus each knowledge term."""
-        terms = {"task": F.cross_entropy(student.logits, batch["target"])}
+        """Unweighted loss terms: the task loss plus each knowledge term, over the positions that count."""
+        student, counted = self.counted(student, batch)
+        terms = {"task": self.task.loss(student.logits, counted["target"])}
         if source is not None:
+            source, _ = self.counted(source, batch)
+            batch = counted
             context = self.loss_context()
             for name, term in self.knowledge.items():
                 terms[name] = term(student, source, batch, context)

@@ -112,6 +112,7 @@ class TfKD(StudentScheme):
     """
 
     name = "tfkd"
+    tasks = ("image",)  # its virtual teacher is a distribution over one label per image
 
     @classmethod
     def sources_for(

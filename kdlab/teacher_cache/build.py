@@ -61,13 +61,14 @@ class EntryLayout:
     classes: int
     codec: str = "fp16"
     k: int | None = None
+    positions: tuple[int, ...] = ()  # a sample's dims before the classes: a language model's (T,)
     feats: dict[str, tuple[int, ...]] = field(default_factory=dict)  # layer -> shape of one sample's
     views: ViewPlan | None = None
 
     def bytes_per_view(self, with_feats: bool = True) -> int:
         """Bytes one sample's outputs take in one view."""
         total = 0
-        for shape, dtype in logit_tables(self.codec, self.classes, self.k).values():
+        for shape, dtype in logit_tables(self.codec, self.classes, self.k, self.positions).values():
             total += _count(shape) * dtype.itemsize
         if with_feats:
             total += sum(_count(shape) * 2 for shape in self.feats.values())
@@ -132,13 +133,15 @@ def build_entry(
         lead = (layout.views.count, total)
     tables = {
         name: writer.create(name, (*lead, *shape), dtype)
-        for name, (shape, dtype) in logit_tables(layout.codec, layout.classes, layout.k).items()
+        for name, (shape, dtype) in logit_tables(
+            layout.codec, layout.classes, layout.k, layout.positions
+        ).items()
     }
     for layer, shape in layout.feats.items():
         tables[FEATURE_PREFIX + layer] = writer.create(FEATURE_PREFIX + layer, (*lead, *shape), torch.float16)
 
     described = "" if layout.views is None else f" on {layout.views.count} stored views"
-    progress = tqdm(total=total * len(passes), desc=f"Caching teacher outputs{described}", unit="img")
+    progress = tqdm(total=total * len(passes), desc=f"Caching teacher outputs{described}", unit="sample")
     for view, dataset in passes:
         for index, out in _outputs(forward, dataset, device, batch_size, datamodule.num_workers):
             rows: Any = index if view is None else (view, index)
@@ -151,6 +154,7 @@ def build_entry(
     meta = {
         "samples": total,
         "classes": layout.classes,
+        "positions": list(layout.positions),
         "codec": layout.codec,
         "k": layout.k,
         "layers": list(layout.feats),

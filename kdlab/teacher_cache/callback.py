@@ -91,8 +91,10 @@ class TeacherCache(L.Callback):
             outputs = outputs.to(pl_module.device)
         if self.views is not None:
             datamodule.serve_stored_views(self.views)
-        # Validation batches are served too when they are transformed as training batches are.
+        # Validation batches are served too when they are transformed as training batches are, and are
+        # samples of the training split (image data's validation part; held-out text is not).
         same = self.views is None and repr(datamodule.train_transform) == repr(datamodule.eval_transform)
+        same = same and getattr(datamodule, "validation_from_training_split", True)
         pl_module.use_teacher_outputs(outputs, covers_validation=same)
         stored = "logits" if not outputs.layers else "logits and features " + ", ".join(outputs.layers)
         where = (

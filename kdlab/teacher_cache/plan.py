@@ -35,6 +35,7 @@ from kdlab.data.replay import unreplayable
 from kdlab.errors import KdlabError
 from kdlab.store import content_key
 from kdlab.taps import FeatureTap
+from kdlab.tasks import task_of
 from kdlab.teacher_cache.build import EntryLayout, ViewPlan
 from kdlab.teacher_cache.tables import CODECS, FORMAT, MARKER
 
@@ -74,14 +75,14 @@ def plan(
         return CachePlan(None, "teacher_cache.enabled=false")
     codec, k = _codec(options)
     with torch.no_grad():  # one sample gives the per-sample sizes of the logits and features
-        example = tap(torch.zeros(1, *datamodule.input_shape, device=next(tap.model.parameters()).device))
-    classes = example.logits.shape[1]
+        example = tap(task_of(datamodule).example_input(1).to(next(tap.model.parameters()).device))
+    classes = example.logits.shape[-1]  # after a language model's positions
     if codec == "topk" and k >= classes:
         raise KdlabError(
             f"teacher_cache.topk={k} keeps every one of the teacher's {classes} classes. Set "
             f"teacher_cache.topk below {classes}, or teacher_cache.logits=fp16 to store all logits."
         )
-    layout = EntryLayout(classes, codec, k if codec == "topk" else None)
+    layout = EntryLayout(classes, codec, k if codec == "topk" else None, tuple(example.logits.shape[1:-1]))
     layout.feats = {name: tuple(value.shape[1:]) for name, value in example.feats.items()}
     reason = _refusal(cfg, datamodule, layout)
     if reason is not None:
@@ -226,7 +227,8 @@ def _key(architecture: DictConfig, datamodule: Any, weights: str, layout: EntryL
         "samples": datamodule.fingerprint(),
         "transform": repr(datamodule.train_transform),
         "layers": sorted(layout.feats),
-        "logits": [layout.codec, layout.k],
+        # A language model's positions too (image entries keep the key they had before them).
+        "logits": [layout.codec, layout.k, *([list(layout.positions)] if layout.positions else [])],
         "views": None if layout.views is None else layout.views.spec(),
     }
 
@@ -250,7 +252,7 @@ def _not_worth_building(cfg: DictConfig, datamodule: Any, layout: EntryLayout, e
         ledger.write(this_run + "\n")
     by = f"this run and its sweep ({jobs} jobs)" if jobs > 1 else "this run"
     return (
-        f"building it takes the teacher over {build} images ({views} view(s) of "
+        f"building it takes the teacher over {build} samples ({views} view(s) of "
         f"{datamodule.train_split_size} samples), more than the {saved * jobs:.0f} {by} would spare it; the "
         "next run of this setting builds it, or set teacher_cache.enabled=true to build it now."
     )

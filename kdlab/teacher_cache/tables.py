@@ -14,6 +14,10 @@ Logits are stored in one of two ways (`teacher_cache.logits`):
   so that at T = 1 the decoded softmax has exactly the teacher's top-k probabilities and its tail
   mass; at other temperatures the tail is the uniform approximation.
 
+A language model's logits are a row per position, `[T, V]` per sample (a window of text): each
+position's logits are stored the same way, along the vocabulary (`positions`, the per-sample dims
+before the classes).
+
 With stored views, each table is [K, N, ...] (view-major: a view is computed and written as a
 whole); without, [N, ...].
 """
@@ -44,37 +48,40 @@ FEATURE_PREFIX = "feat."
 DTYPES = {"float16": torch.float16, "int16": torch.int16, "int32": torch.int32}
 
 
-def logit_tables(codec: str, classes: int, k: int | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The tables one sample's logits take under `codec`: name -> (shape per sample, dtype)."""
+def logit_tables(
+    codec: str, classes: int, k: int | None, positions: tuple[int, ...] = ()
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tables one sample's logits take under `codec`: name -> (shape per sample, dtype). `positions`
+    are the sample's dims before the classes (a language model's window: (T,))."""
     if codec == "fp16":
-        return {"logits": ((classes,), torch.float16)}
+        return {"logits": ((*positions, classes), torch.float16)}
     index_dtype = torch.int16 if classes <= 2**15 else torch.int32
     return {
-        "topk_values": ((k,), torch.float16),
-        "topk_index": ((k,), index_dtype),
-        "fill": ((), torch.float16),
+        "topk_values": ((*positions, k), torch.float16),
+        "topk_index": ((*positions, k), index_dtype),
+        "fill": (tuple(positions), torch.float16),
     }
 
 
 def encode_logits(logits: Tensor, codec: str, k: int | None) -> dict[str, Tensor]:
-    """The stored form of a batch of logits [B, C] (see the module docstring)."""
+    """The stored form of a batch of logits [B, ..., C] (see the module docstring)."""
     if codec == "fp16":
         return {"logits": logits.half()}
     z = logits.double()
-    values, index = z.topk(k, dim=1)
-    tail = z.scatter(1, index, float("-inf"))
-    fill = torch.logsumexp(tail, dim=1) - torch.log(torch.tensor(float(z.shape[1] - k), dtype=z.dtype))
-    index_dtype = torch.int16 if z.shape[1] <= 2**15 else torch.int32
+    values, index = z.topk(k, dim=-1)
+    tail = z.scatter(-1, index, float("-inf"))
+    fill = torch.logsumexp(tail, dim=-1) - torch.log(torch.tensor(float(z.shape[-1] - k), dtype=z.dtype))
+    index_dtype = torch.int16 if z.shape[-1] <= 2**15 else torch.int32
     return {"topk_values": values.half(), "topk_index": index.to(index_dtype), "fill": fill.half()}
 
 
 def decode_logits(rows: Mapping[str, Tensor], codec: str, classes: int, dtype: torch.dtype) -> Tensor:
-    """Logits [B, C] as `dtype` from their stored form."""
+    """Logits [B, ..., C] as `dtype` from their stored form."""
     if codec == "fp16":
         return rows["logits"].to(dtype)
     fill = rows["fill"].to(dtype)
-    full = fill[:, None].expand(len(fill), classes).clone()
-    return full.scatter_(1, rows["topk_index"].long(), rows["topk_values"].to(dtype))
+    full = fill.unsqueeze(-1).expand(*fill.shape, classes).clone()
+    return full.scatter_(-1, rows["topk_index"].long(), rows["topk_values"].to(dtype))
 
 
 class TeacherOutputs:
