@@ -20,7 +20,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdlab.build import build_model, build_scheme, build_trainer
-from kdlab.teachers import BASELINE, SINGLE_PROCESS, TeacherRecord, TeacherStore, teacher_spec, train_teacher
+from kdlab.teachers import (
+    BASELINE,
+    SINGLE_PROCESS,
+    TeacherRecord,
+    TeacherStore,
+    selection_metric,
+    teacher_spec,
+    train_teacher,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +67,11 @@ def student_alone(
     """The stored baseline for this run's student and settings, trained first if there is none."""
     alone = baseline_config(cfg)
     # Marked as kept at its best validation epoch: never the same entry as a last-epoch teacher.
+    spec = {**teacher_spec(alone, datamodule), "weights": "best validation epoch"}
+    if selection_metric(cfg) != ("top1", "max"):  # chosen by another metric: another baseline
+        spec["selected_by"] = list(selection_metric(cfg))
     record = store.fetch_or_train(
-        {**teacher_spec(alone), "weights": "best validation epoch"},
+        spec,
         lambda entry: train_teacher(alone, datamodule, entry, name=NAME, best_on_validation=True),
     )
     log.info(

@@ -70,13 +70,17 @@ class TeacherRecord:
     key: str | None = None
 
 
-def teacher_spec(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that determines the teacher a run would train, as plain data."""
+def teacher_spec(cfg: DictConfig, datamodule: Any = None) -> dict[str, Any]:
+    """Everything that determines the teacher a run would train, as plain data. For a text corpus, whose
+    `root` is the corpus itself rather than where a known dataset lies, the digest of its text
+    (`corpus_key`) stands in for it."""
     model = OmegaConf.to_container(cfg.teacher, resolve=True)
     model.pop("checkpoint", None)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for name in DATA_LOCATION_ARGS:
         data.pop(name, None)
+    if hasattr(datamodule, "corpus_key"):
+        data["corpus"] = datamodule.corpus_key()
     trainer = OmegaConf.to_container(OmegaConf.merge(cfg.trainer, cfg.teacher_training.trainer), resolve=True)
     return {
         "model": model,
@@ -133,7 +137,7 @@ class TeacherStore:
             record = TeacherRecord("checkpoint", str(Path(cfg.teacher.checkpoint).expanduser()))
         else:
             record = self.fetch_or_train(
-                teacher_spec(cfg), lambda entry: train_teacher(cfg, datamodule, entry)
+                teacher_spec(cfg, datamodule), lambda entry: train_teacher(cfg, datamodule, entry)
             )
         log.info("Teacher %s: %s from %s", cfg.teacher.name, record.source, record.path)
         return build_model(cfg.teacher, checkpoint=record.path), record
@@ -161,7 +165,7 @@ class TeacherStore:
             # (teacher_training.*: the default job's teacher trains longer than its student).
             chain_cfg.teacher_training.trainer = {}
             chain_cfg.teacher_training.optimizer = {}
-        base = teacher_spec(chain_cfg)
+        base = teacher_spec(chain_cfg, datamodule)
         generations: dict[str, nn.Module] = {}
         record: TeacherRecord | None = None
         for k in range(count):

@@ -257,8 +257,7 @@ FITNET_ANCHOR = {
 def test_fitnet_matches_repdistiller():
     fs, ft, weight = fitnet_inputs()
     fs.requires_grad_()
-    # RepDistiller's ConvReg always ends on ReLU; kdlab's `auto` would drop it for these signed features.
-    fitnet = FitNet(student_layers=["stage2"], teacher_layers=["stage2"], relu=True)
+    fitnet = FitNet(student_layers=["stage2"], teacher_layers=["stage2"])
     fitnet.build(features(stage2=fs), features(stage2=ft))
     with torch.no_grad():
         fitnet.regressors[0].conv.weight.copy_(weight)

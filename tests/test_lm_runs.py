@@ -118,6 +118,10 @@ BAD_INPUT = {
         ["+teacher.config.vocab_size=300"],
         "teacher has a vocabulary of 300 tokens, but the data's tokenizer makes 257",
     ),
+    "prompt_too_long": (
+        ["mode=on_policy", "mode.prompt_tokens=32"],
+        "mode.prompt_tokens=32: the prompt is the first tokens of each window of data.seq_len=32",
+    ),
     "image_scheme": (["mode=pskd"], "mode=pskd is defined for task=image, and this run's task is lm"),
     "too_long_windows": (
         ["data.seq_len=64", "+student.config.n_positions=48"],
@@ -140,6 +144,8 @@ def test_bad_language_model_input_is_refused_clearly(tmp_path, fortunes, case):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    if case in ("prompt_too_long", "image_scheme"):  # refused before a teacher is trained for nothing
+        assert not (tmp_path / "teachers").exists()
 
 
 def test_a_language_model_scheme_is_refused_for_images_before_any_teacher_is_trained(tmp_path, fashion_mnist):
@@ -165,3 +171,18 @@ def test_an_empty_corpus_is_refused_clearly(tmp_path):
     )
     assert proc.returncode != 0
     assert "has no text: 1 file(s) matching '*.txt', no non-empty document" in proc.stderr
+
+
+def test_a_language_model_student_exports_to_onnx(lm_sweep, tmp_path):
+    from tests.test_export import export, onnx_packages
+
+    onnx_packages()
+    out = tmp_path / "student.onnx"
+    proc = export(lm_sweep["offline", "response"], "--format", "onnx", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Token windows of 32 in, next-token logits out, as PyTorch gives them (the script checks to 1e-4).
+    assert (
+        out.is_file()
+        and "input [32] with a dynamic batch axis" in proc.stdout
+        and "(within 1e-04)" in proc.stdout
+    )

@@ -87,7 +87,8 @@ def test_the_task_counts_labelled_tokens_and_its_perplexity_is_exp_of_the_mean_c
 
 def test_masked_positions_change_no_loss(tmp_path):
     teacher, student = lm(width=32, seed=0), lm(width=16, seed=1)
-    scheme = Offline(teacher, student, **common({"kd": KD(temperature=2.0, weight=1.0, task_weight=1.0)}))
+    terms = {"kd": KD(temperature=2.0, weight=1.0, task_weight=1.0), "gkd": SequenceKD(divergence="jsd")}
+    scheme = Offline(teacher, student, **common(terms))
     full = batch()
     masked = {**full, "target": full["target"].clone()}
     masked["target"][:, 10:] = IGNORE_INDEX
@@ -121,9 +122,16 @@ def test_on_policy_generates_and_its_gradient_reaches_only_the_student():
         sampled["target"][:, -1] == IGNORE_INDEX
     ).all()
     assert torch.equal(sampled["target"][:, 3:-1], sampled["input"][:, 4:])
+    sampled_batches = []
+    scheme.student_batch = lambda b: sampled_batches.append(b) or OnPolicy.student_batch(scheme, b)
     torch.manual_seed(0)
     loss = scheme.training_step(data, 0)
+    assert len(sampled_batches) == 1  # lambda = 1: the step trained on the student's own samples
+    terms = scheme._step_terms.rows[0]  # this step's logged terms: task, gkd, total
+    assert float(terms[0]) == 0.0 and float(terms[1]) > 0  # no cross-entropy on its own samples
     loss.backward()
+    # The teacher is frozen (no parameter takes a gradient); the student's weights get one.
+    assert not any(p.requires_grad for p in teacher.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
@@ -195,3 +203,19 @@ def test_minilm_is_refused_for_an_image_model():
             input_shape=(1, 28, 28),
             knowledge={"minilm": MiniLM()},
         )
+
+
+def test_sampling_is_from_the_whole_distribution_and_greedy_is_its_argmax():
+    model = lm(width=16).eval()
+    prompt = torch.randint(0, VOCAB - 1, (3, 4))
+    greedy = model.sample(prompt, 8, greedy=True)
+    with torch.no_grad():
+        logits = model(greedy)[:, 3:-1]
+    chosen = logits.gather(-1, greedy[:, 4:, None]).squeeze(-1)
+    assert torch.equal(chosen, logits.max(-1).values)  # each token the teacher-forced argmax
+    # With every logit equal, samples cover the vocabulary (no top-k filter) and may end documents.
+    with torch.no_grad():
+        model.model.lm_head.weight.zero_()
+    torch.manual_seed(0)
+    drawn = model.sample(torch.zeros(256, 1, dtype=torch.int64), SEQ - 1)[:, 1:]  # 3840 draws of 257
+    assert drawn.unique().numel() > 200 and bool((drawn == VOCAB - 1).any())

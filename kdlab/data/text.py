@@ -366,6 +366,13 @@ class TextCorpusDataModule(L.LightningDataModule):
             self.tokenizer = ByteTokenizer()
         else:
             self.tokenizer = BPETokenizer(documents["train"], self.requested_vocab_size)
+            if self.tokenizer.vocab_size != self.requested_vocab_size:  # the models are built for the request
+                raise KdlabError(
+                    f"data.vocab_size={self.requested_vocab_size}, but a BPE trained on this corpus's "
+                    "training "
+                    f"split stops at {self.tokenizer.vocab_size} tokens (it has no more pairs to merge). Set "
+                    f"data.vocab_size={self.tokenizer.vocab_size} or less."
+                )
         self.splits = {
             name: PackedText(*pack(docs, self.tokenizer, self.seq_len)) for name, docs in documents.items()
         }

@@ -134,11 +134,10 @@ class FitNet(FeatureKnowledge):
     Regressor: the paper's convolutional regressor has kernel size N_g - N_h + 1, i.e. 1x1 when the
     two maps have the same size, which is also CRD's `ConvReg` in that case; so r is a 1x1 conv
     (C_s -> C_t) + BatchNorm + ReLU (CRD's ConvReg order; ReLU because the paper gives r the guided
-    layer's non-linearity). `relu: auto` keeps the ReLU where the hint is non-negative on the dry forward
-    pass (a post-ReLU CNN stage) and drops it elsewhere (pre-activation taps, a transformer's tokens or
-    hidden states, which the ReLU could not reach below 0); true or false forces it. On a language
-    model's hidden states (read as a column of positions: kdlab.knowledge.layouts) r is a per-token
-    linear projection, TinyBERT's hidden-state loss (Jiao et al. 2020, Eq. 8) with a BatchNorm.
+    layer's non-linearity). `relu: auto` keeps it, except on a language model's hidden states (read as a
+    column of positions: kdlab.knowledge.layouts), which are signed: there r is a per-token linear
+    projection with a BatchNorm, TinyBERT's hidden-state loss (Jiao et al. 2020, Eq. 8). true or false
+    forces it (false for pre-activation taps).
     Where the spatial sizes differ, the larger map is adaptive-average-pooled to the smaller one (CRD
     uses a strided or transposed conv there instead; pooling handles any ratio). (B, C) vectors are
     read as 1x1 maps. Defaults (CRD benchmark): hint on stage2 of both models (`hint_layer=2`), weight 100,
@@ -161,10 +160,11 @@ class FitNet(FeatureKnowledge):
         super().__init__(weight, task_weight, student_layers, teacher_layers, layer_reduction, name=name)
         if relu not in (True, False, "auto"):
             raise KdlabError(
-                f"knowledge.{self.name}.relu={relu!r} is not a choice: auto (ReLU where the hint is "
-                "non-negative), true or false."
+                f"knowledge.{self.name}.relu={relu!r} is not a choice: auto (ReLU, except on a language "
+                "model's hidden states), true or false."
             )
         self.relu = relu
+        self._sequence_hint = False  # the teacher's hint is a language model's hidden states (set by build)
         self.regressors = nn.ModuleList()
 
     def check_pair(self, index: int, s: Tensor, t: Tensor) -> None:
@@ -172,12 +172,16 @@ class FitNet(FeatureKnowledge):
 
     def build_pairs(self, feats: list[tuple[Tensor, Tensor]]) -> None:
         self.regressors = nn.ModuleList(
-            HintRegressor(s.shape[1], t.shape[1], self._relu(t)).to(device=s.device, dtype=s.dtype)
+            HintRegressor(s.shape[1], t.shape[1], self._relu()).to(device=s.device, dtype=s.dtype)
             for s, t in feats
         )
 
-    def _relu(self, hint: Tensor) -> bool:
-        return bool(hint.min() >= 0) if self.relu == "auto" else self.relu
+    def build(self, student: Outputs, source: Outputs, context: LossContext | None = None) -> None:
+        self._sequence_hint = bool(getattr(source.model, "sequence_features", False))
+        super().build(student, source, context)
+
+    def _relu(self) -> bool:
+        return not self._sequence_hint if self.relu == "auto" else self.relu
 
     def pair_loss(self, index: int, s: Tensor, t: Tensor) -> Tensor:
         s, t = pool_to_common_size(as_map(s), as_map(t))

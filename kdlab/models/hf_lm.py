@@ -18,6 +18,7 @@ block's queries, keys and values (MiniLM's relations: kdlab.knowledge.minilm).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +96,25 @@ class CausalLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            options = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature}
-            return self.model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=self.model.config.eos_token_id,
-                **options,
+            # A plain loop over the model's key/value cache rather than `generate`, whose defaults (a top-k
+            # filter in some versions, min_new_tokens masking the end-of-document token) would change the
+            # distribution sampled from.
+            # transformers 5 names the key/value cache `cache`; earlier versions `past_key_values`.
+            cache = (
+                "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
             )
+            out = self.model(input_ids=prompt, use_cache=True)
+            tokens = [prompt]
+            for step in range(new_tokens):
+                logits = out.logits[:, -1].float()
+                if greedy:
+                    token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+                tokens.append(token)
+                if step + 1 < new_tokens:
+                    out = self.model(input_ids=token, use_cache=True, **{cache: out[cache]})
+            return torch.cat(tokens, dim=1)
         finally:
             self.train(was_training)
 

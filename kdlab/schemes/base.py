@@ -33,6 +33,11 @@ from kdlab.tasks import IGNORE_INDEX, ImageClassification, Task
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
+# What the wrong-task error suggests (each scheme's `tasks` is what decides).
+SCHEMES_OF_TASK = {
+    "image": "offline, online, self (byot), pskd, born_again, cskd, tfkd, baseline",
+    "lm": "offline, online, self (byot), on_policy, seqkd, born_again, baseline",
+}
 # Tap points of a model that averages several heads' logits (timm's distilled DeiTs): each is tested too.
 SEPARATE_HEADS = ("class_head", "distillation_head")
 
@@ -172,8 +177,8 @@ class Scheme(L.LightningModule):
         if task.name not in cls.tasks:
             raise KdlabError(
                 f"mode={cls.name} is defined for task={' or task='.join(cls.tasks)}, and this run's task is "
-                f"{task.name}. Pick a scheme of that task (`python -m kdlab.run --help` lists them; task=lm: "
-                "offline, online, self, on_policy, seqkd, baseline)."
+                f"{task.name}. Pick a scheme of task={task.name}: "
+                f"{SCHEMES_OF_TASK.get(task.name, '--help lists them')}."
             )
 
     def __init__(

@@ -6,9 +6,9 @@ Models: Learning from Self-Generated Mistakes" (GKD, ICLR), Algorithm 1. A froze
 batch's windows are replaced by the student's own continuations: the first `prompt_tokens` tokens of
 each window are kept as the prompt, and the student samples the rest at `temperature` (no gradient
 flows through the sampling, as in the paper: the samples are data). The knowledge terms then compare
-the teacher's and the student's next-token distributions on those sequences, at the completion
-positions only: the prompt's positions do not count (their labels are -100), nor does the last one,
-whose next token is not sampled (a model's context may be just the window's length). λ = 0 is supervised KD on
+the teacher and the student on those sequences; the response losses read the completion positions
+only: the prompt's positions do not count (their labels are -100), nor does the last one, whose next
+token is not sampled (a model's context may be just the window's length). λ = 0 is supervised KD on
 the data, λ = 1 is fully on-policy; the paper's best mix uses λ = 0.5 with JSD(0.9) or reverse KL
 (`knowledge=gkd knowledge.gkd.beta=0.9`).
 
@@ -20,15 +20,46 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 
 from kdlab.data.text import IGNORE_INDEX
 from kdlab.errors import KdlabError
+from kdlab.schemes.base import Sources, TeacherProvider
 from kdlab.schemes.offline import Offline
 from kdlab.taps import Outputs
 
 SAMPLED = "sampled"  # the batch key marking a batch of the student's own continuations
+
+
+def check_generation(prompt_tokens: int, temperature: float, seq_len: int) -> None:
+    """The prompt length and sampling temperature of a scheme that continues each window's first tokens."""
+    if (
+        isinstance(prompt_tokens, bool)
+        or not isinstance(prompt_tokens, int)
+        or not 1 <= prompt_tokens < seq_len
+    ):
+        raise KdlabError(
+            f"mode.prompt_tokens={prompt_tokens!r}: the prompt is the first tokens of each window of "
+            f"data.seq_len={seq_len}, so it must be a whole number in [1, {seq_len - 1}], e.g. "
+            f"mode.prompt_tokens={min(16, seq_len // 2)}."
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
+        raise KdlabError(
+            f"mode.temperature={temperature!r} must be > 0 (the sampling temperature, e.g. 1.0)."
+        )
+
+
+def check_options(student_data_fraction: float, prompt_tokens: int, temperature: float, seq_len: int) -> None:
+    """mode=on_policy's options (KdlabError naming the key)."""
+    if isinstance(student_data_fraction, bool) or not 0 <= student_data_fraction <= 1:
+        raise KdlabError(
+            f"mode.student_data_fraction={student_data_fraction} is a probability (GKD's lambda): set it "
+            "in [0, 1], e.g. 0.5 (half the batches are the student's samples)."
+        )
+    check_generation(prompt_tokens, temperature, seq_len)
 
 
 def continuation_batch(sequences: Tensor, prompt_tokens: int) -> dict[str, Tensor]:
@@ -46,6 +77,15 @@ class OnPolicy(Offline):
     name = "on_policy"
     tasks = ("lm",)
 
+    @classmethod
+    def sources_for(
+        cls, cfg: DictConfig, datamodule: L.LightningDataModule, store: TeacherProvider
+    ) -> Sources:
+        """The frozen teacher, as mode=offline's; the options are checked first, before it is trained."""
+        mode = cfg.mode
+        check_options(mode.student_data_fraction, mode.prompt_tokens, mode.temperature, datamodule.seq_len)
+        return super().sources_for(cfg, datamodule, store)
+
     def __init__(
         self,
         *args,
@@ -55,26 +95,7 @@ class OnPolicy(Offline):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if not 0 <= student_data_fraction <= 1:
-            raise KdlabError(
-                f"mode.student_data_fraction={student_data_fraction} is a probability (GKD's lambda): set it "
-                "in [0, 1], e.g. 0.5 (half the batches are the student's samples)."
-            )
-        seq_len = self.task.seq_len
-        if (
-            isinstance(prompt_tokens, bool)
-            or not isinstance(prompt_tokens, int)
-            or not 1 <= prompt_tokens < seq_len
-        ):
-            raise KdlabError(
-                f"mode.prompt_tokens={prompt_tokens!r}: the prompt is the first tokens of each window of "
-                f"data.seq_len={seq_len}, so it must be a whole number in [1, {seq_len - 1}], e.g. "
-                f"mode.prompt_tokens={min(16, seq_len // 2)}."
-            )
-        if not temperature > 0:
-            raise KdlabError(
-                f"mode.temperature={temperature} must be > 0 (the sampling temperature, e.g. 1.0)."
-            )
+        check_options(student_data_fraction, prompt_tokens, temperature, self.task.seq_len)
         self.student_data_fraction = float(student_data_fraction)
         self.prompt_tokens = prompt_tokens
         self.temperature = float(temperature)

@@ -32,7 +32,7 @@ from kdlab.errors import KdlabError
 from kdlab.resume import teacher_identity
 from kdlab.schemes.base import Sources, TeacherProvider
 from kdlab.schemes.offline import Offline
-from kdlab.schemes.on_policy import continuation_batch
+from kdlab.schemes.on_policy import check_generation, continuation_batch
 from kdlab.store import build_once, content_key, save_atomic
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class SeqKD(Offline):
     ) -> Sources:
         """The frozen teacher (as mode=offline's), and the store of its continuations of the windows."""
         mode = cfg.mode
-        check_settings(mode.prompt_tokens, mode.decoding, datamodule)
+        check_settings(mode.prompt_tokens, mode.decoding, mode.temperature, datamodule)
         sources = super().sources_for(cfg, datamodule, store)
         teacher = sources.modules["teacher"]
         spec = {
@@ -156,6 +156,8 @@ class SeqKD(Offline):
         }
 
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]):
+        if not self.knowledge:  # Seq-KD alone learns from the text: the teacher need not run on it
+            return None
         if "teacher_text" in batch:  # a cache of the teacher's outputs holds them for the data, not for ŷ
             return self.teacher_forward(x)
         return super().sources(x, batch)
@@ -164,20 +166,12 @@ class SeqKD(Offline):
         return super().training_step(self.teacher_batch(batch), batch_idx)
 
 
-def check_settings(prompt_tokens: int, decoding: str, datamodule) -> None:
+def check_settings(prompt_tokens: int, decoding: str, temperature: float, datamodule) -> None:
+    """mode=seqkd's options, checked before a teacher is obtained (KdlabError naming the key)."""
     seq_len = getattr(datamodule, "seq_len", None)
     if seq_len is None:
         raise KdlabError("mode=seqkd trains on a teacher's generated text: use it with task=lm.")
-    if (
-        isinstance(prompt_tokens, bool)
-        or not isinstance(prompt_tokens, int)
-        or not 1 <= prompt_tokens < seq_len
-    ):
-        raise KdlabError(
-            f"mode.prompt_tokens={prompt_tokens!r}: the prompt is the first tokens of each window of "
-            f"data.seq_len={seq_len}, so it must be a whole number in [1, {seq_len - 1}], e.g. "
-            "mode.prompt_tokens=16."
-        )
+    check_generation(prompt_tokens, temperature, seq_len)
     if decoding not in DECODINGS:
         raise KdlabError(
             f"mode.decoding={decoding!r} is not one kdlab does: greedy (the most likely token, Kim and "
