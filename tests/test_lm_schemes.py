@@ -219,3 +219,20 @@ def test_sampling_is_from_the_whole_distribution_and_greedy_is_its_argmax():
     torch.manual_seed(0)
     drawn = model.sample(torch.zeros(256, 1, dtype=torch.int64), SEQ - 1)[:, 1:]  # 3840 draws of 257
     assert drawn.unique().numel() > 200 and bool((drawn == VOCAB - 1).any())
+
+
+def test_generated_text_is_never_served_from_the_cache_of_the_datas_teacher_outputs():
+    from kdlab.schemes.on_policy import continuation_batch
+
+    class DataCache:  # stands in for a cache entry: it holds outputs for the data's windows only
+        live_layers = ()
+
+        def lookup(self, index, view=None):
+            raise AssertionError("a generated batch was looked up in the cache of the data's outputs")
+
+    teacher, student = lm(width=32, seed=0), lm(width=16, seed=1)
+    scheme = Offline(teacher, student, **common({"kd": KD(temperature=1.0)}))
+    scheme.use_teacher_outputs(DataCache())
+    generated = {**batch(), **continuation_batch(batch(seed=2)["input"], prompt_tokens=4)}
+    served = scheme.sources(generated["input"], generated)
+    torch.testing.assert_close(served.logits, scheme.teacher_forward(generated["input"]).logits)

@@ -257,13 +257,13 @@ class Scheme(L.LightningModule):
     def check_logits(self, logits: Tensor, role: str) -> None:
         self.task.check_logits(logits, role)
 
-    def counted(self, outputs: Outputs, batch: Mapping[str, Tensor]) -> tuple[Outputs, dict[str, Tensor]]:
+    def counted(self, outputs: Outputs, batch: Mapping[str, Tensor]) -> tuple[Outputs, Mapping[str, Tensor]]:
         """The outputs and batch as the task loss and the knowledge terms read them: for a language model,
         the logits `[N, V]` and labels `[N]` of the counted tokens (kdlab.tasks), and the batch's
         `positions`, the `[B, T]` mask of those tokens (for losses that read whole sequences, e.g. MiniLM's
         relations); for images, unchanged."""
-        if outputs.logits.ndim == 2:
-            return outputs, dict(batch)
+        if outputs.logits.ndim == 2:  # every step of an image run: nothing to copy
+            return outputs, batch
         target = batch.get("target")
         # No labels (a dry run): every position counts.
         labels = target if target is not None else outputs.logits.new_zeros(outputs.logits.shape[:-1]).long()

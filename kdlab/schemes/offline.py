@@ -39,6 +39,10 @@ from kdlab.tasks import fraction_correct
 if TYPE_CHECKING:
     from kdlab.teacher_cache import TeacherOutputs
 
+# The batch key that marks generated text (on-policy samples, SeqKD's teacher text): the cache holds the
+# teacher's outputs on the data's windows, so for these the teacher runs.
+GENERATED = "generated"
+
 # Lightning warns about modules in eval mode when fit starts: the frozen teacher is, on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
@@ -114,7 +118,7 @@ class Offline(StudentScheme):
 
     @torch.no_grad()
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs:
-        if self.teacher_outputs is not None and "index" in batch:
+        if self.teacher_outputs is not None and "index" in batch and GENERATED not in batch:
             cached = self.teacher_outputs.lookup(batch["index"], view=batch.get("view"))
             feats = cached.feats
             if self.teacher_outputs.live_layers:  # features over the cache's budget: the teacher runs

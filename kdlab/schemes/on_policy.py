@@ -28,10 +28,8 @@ from torch import Tensor
 from kdlab.data.text import IGNORE_INDEX
 from kdlab.errors import KdlabError
 from kdlab.schemes.base import Sources, TeacherProvider
-from kdlab.schemes.offline import Offline
+from kdlab.schemes.offline import GENERATED, Offline
 from kdlab.taps import Outputs
-
-SAMPLED = "sampled"  # the batch key marking a batch of the student's own continuations
 
 
 def check_generation(prompt_tokens: int, temperature: float, seq_len: int) -> None:
@@ -68,7 +66,7 @@ def continuation_batch(sequences: Tensor, prompt_tokens: int) -> dict[str, Tenso
     the last position's, whose next token was not generated."""
     target = torch.full_like(sequences, IGNORE_INDEX)
     target[:, prompt_tokens - 1 : -1] = sequences[:, prompt_tokens:]
-    return {"input": sequences, "target": target}
+    return {"input": sequences, "target": target, GENERATED: torch.ones((), dtype=torch.bool)}
 
 
 class OnPolicy(Offline):
@@ -107,20 +105,11 @@ class OnPolicy(Offline):
         sequences = self.student.sample(
             prompt, self.task.seq_len - self.prompt_tokens, temperature=self.temperature
         )
-        return {
-            **batch,
-            **continuation_batch(sequences, self.prompt_tokens),
-            SAMPLED: torch.ones((), dtype=torch.bool),
-        }
-
-    def sources(self, x: Tensor, batch: Mapping[str, Tensor]) -> Outputs:
-        if SAMPLED in batch:  # the cache holds the teacher's outputs on the data, not on these samples
-            return self.teacher_forward(x)
-        return super().sources(x, batch)
+        return {**batch, **continuation_batch(sequences, self.prompt_tokens)}
 
     def loss_terms(self, student: Outputs, source: Outputs | None, batch: Mapping[str, Tensor]) -> dict:
         terms = super().loss_terms(student, source, batch)
-        if SAMPLED in batch:
+        if GENERATED in batch:  # the student's own samples
             terms["task"] = terms["task"].detach() * 0  # see the module docstring
         return terms
 

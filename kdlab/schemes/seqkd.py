@@ -149,17 +149,11 @@ class SeqKD(Offline):
                 )
             self.teacher_text.store(index[missing], sequences.cpu())
         sequences = self.teacher_text.read(index).to(batch["input"].device)
-        return {
-            **batch,
-            **continuation_batch(sequences, self.prompt_tokens),
-            "teacher_text": torch.ones((), dtype=torch.bool),
-        }
+        return {**batch, **continuation_batch(sequences, self.prompt_tokens)}
 
     def sources(self, x: Tensor, batch: Mapping[str, Tensor]):
         if not self.knowledge:  # Seq-KD alone learns from the text: the teacher need not run on it
             return None
-        if "teacher_text" in batch:  # a cache of the teacher's outputs holds them for the data, not for ŷ
-            return self.teacher_forward(x)
         return super().sources(x, batch)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
